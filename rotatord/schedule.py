@@ -1,0 +1,106 @@
+"""The one module that imports APScheduler (3.x): cron parsing and the daemon's job scheduler.
+
+Each managed secret has one job whose single next run time is the next moment something is
+due for that secret (a rotation, a promotion, a retirement).  After each run the job is
+re-armed from the journal, so the schedule survives restarts and the clock is never reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+
+__all__ = ["JobScheduler", "next_cron_time", "validate_cron"]
+
+
+_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _dow_field(field: str) -> str:
+    """Crontab counts weekdays from Sunday = 0 (7 too); APScheduler 3 from Monday = 0.
+
+    Numeric parts are spelled out as names, which both understand the same way.
+    """
+    out = []
+    for part in field.split(","):
+        body, _, step_text = part.partition("/")
+        if not re.fullmatch(r"\d+(-\d+)?", body):
+            out.append(part)
+            continue
+        lo_text, _, hi_text = body.partition("-")
+        lo = int(lo_text)
+        hi = int(hi_text) if hi_text else (7 if step_text else lo)
+        step = int(step_text) if step_text else 1
+        if not (0 <= lo <= 7 and 0 <= hi <= 7 and lo <= hi and step >= 1):
+            raise ValueError(f"day-of-week {part!r} is out of range 0-7")
+        out.extend(_DOW_NAMES[n] for n in range(lo, hi + 1, step))
+    return ",".join(dict.fromkeys(out))
+
+
+def _cron(expr: str) -> CronTrigger:
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day month weekday)")
+    minute, hour, day, month, dow = fields
+    try:
+        return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_dow_field(dow), timezone=UTC)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"invalid cron expression {expr!r}: {exc}") from None
+
+
+def validate_cron(expr: str) -> None:
+    """Raise ValueError with a readable reason if ``expr`` is not a 5-field crontab expression."""
+    _cron(expr)
+
+
+def next_cron_time(expr: str, after: datetime) -> datetime:
+    """The first time strictly after ``after`` that matches ``expr`` (UTC, crontab semantics)."""
+    start = after.astimezone(UTC).replace(microsecond=0) + timedelta(seconds=1)
+    nxt = _cron(expr).get_next_fire_time(None, start)
+    if nxt is None:
+        raise ValueError(f"cron expression {expr!r} never fires again")
+    result: datetime = nxt.astimezone(UTC)
+    return result
+
+
+class JobScheduler:
+    """One job per key, each armed for one run at a time; thread pool executor."""
+
+    def __init__(self, workers: int = 4) -> None:
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def shutdown(self, wait: bool = True) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=wait)
+
+    def arm(self, key: str, when: datetime, func: Callable[[], None]) -> None:
+        """Run ``func`` once at ``when`` (replacing any earlier arming of ``key``)."""
+        self._scheduler.add_job(func, trigger=DateTrigger(run_date=when, timezone=UTC), id=key, replace_existing=True)
+
+    def disarm(self, key: str) -> None:
+        with contextlib.suppress(JobLookupError):
+            self._scheduler.remove_job(key)
+
+    def next_run(self, key: str) -> datetime | None:
+        job = self._scheduler.get_job(key)
+        return None if job is None else job.next_run_time
+
+    def keys(self) -> list[str]:
+        return [job.id for job in self._scheduler.get_jobs()]
