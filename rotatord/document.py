@@ -8,6 +8,7 @@ previous credential.  One read gives a consistent view.  This module is stdlib-o
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,8 @@ __all__ = [
     "dump_document",
     "key_id_for",
     "parse_document",
+    "sha256_hex",
+    "to_dict",
 ]
 
 SCHEMA = "rotatord/v1"
@@ -107,6 +110,17 @@ class CredentialSet:
 
 
 Document = FernetRing | CredentialSet
+
+
+def _is_fernet_key(text: str) -> bool:
+    """44 chars of urlsafe base64 that decode to 32 bytes and re-encode to the same text."""
+    if len(text) != 44:
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(text.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return len(raw) == 32 and base64.urlsafe_b64encode(raw).decode() == text
 
 
 def sha256_hex(value: str) -> str:
@@ -244,7 +258,7 @@ def _parse_ring(data: dict[str, Any], r: _Reader, name: str, version: int, updat
             raise r.fail("keys", f"repeats key id {key_id!r}")
         seen.add(key_id)
         material = r.get(item, "material", str)
-        if len(material) != 44:
+        if not _is_fernet_key(material):
             raise r.fail("keys", f"holds a malformed key for id {key_id!r}")
         state = r.get(item, "state", str)
         if state not in ("primary", "decrypt_only"):

@@ -102,5 +102,5 @@ class JobScheduler:
         job = self._scheduler.get_job(key)
         return None if job is None else job.next_run_time
 
-    def keys(self) -> list[str]:
+    def job_ids(self) -> list[str]:
         return [job.id for job in self._scheduler.get_jobs()]

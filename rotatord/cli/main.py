@@ -1,0 +1,94 @@
+"""``rotatord`` command line: parse, dispatch, and turn errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import ConfigError, RotatordError
+from . import audit_cmds, daemon_cmds, rotation_cmds
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"rotatord: error: {message}\n")
+        sys.exit(64)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help="configuration file (default: $ROTATORD_CONFIG, then /etc/rotatord/config.toml)",
+    )
+    parser = _Parser(prog="rotatord", description="Secrets and key-rotation daemon.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("run", parents=[common], help="run the daemon (foreground; systemd Type=notify)")
+    sub.add_parser("init", parents=[common], help="create the state directory, database and master keys")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration and the files it references")
+
+    p = sub.add_parser("rotate", parents=[common], help="rotate a secret now")
+    p.add_argument("name")
+    p.add_argument(
+        "--emergency", action="store_true", help="no propagation wait, no grace period (census still applies)"
+    )
+    p.add_argument("--reason", help="why (recorded in the audit log)")
+    p.add_argument("--offline", action="store_true", help="run in this process while the daemon is down")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("rollback", parents=[common], help="put the previous primary back while it is in the ring")
+    p.add_argument("name")
+    p.add_argument("--reason")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", parents=[common], help="version, phase, age and next rotation of each secret")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("history", parents=[common], help="the rotations of one secret")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("audit", parents=[common], help="audit log tools")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION", parser_class=_Parser)
+    v = audit_sub.add_parser("verify", parents=[common], help="check the audit log's hash chain")
+    v.add_argument("--json", action="store_true")
+    return parser
+
+
+COMMANDS = {
+    "run": daemon_cmds.run,
+    "init": daemon_cmds.init,
+    "check-config": daemon_cmds.check_config,
+    "rotate": rotation_cmds.rotate,
+    "rollback": rotation_cmds.rollback,
+    "status": rotation_cmds.status,
+    "history": rotation_cmds.history,
+    "audit": audit_cmds.audit,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"rotatord: config error: {problem}\n")
+        return exc.exit_code
+    except RotatordError as exc:
+        sys.stderr.write(f"rotatord: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

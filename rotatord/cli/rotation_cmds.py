@@ -1,0 +1,155 @@
+"""``rotate``, ``rollback``, ``status`` and ``history``.
+
+Commands that change things go through the running daemon; ``rotate --offline`` is the one
+exception, and it takes the daemon's own lock so the two can never act at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from typing import Any
+
+from ..config import Settings
+from ..daemon.lock import StateLock
+from ..daemon.runtime import build_runtime
+from ..engine.report import history_report, secret_status
+from ..errors import DaemonNotRunning, UnknownSecret
+from ..timeutil import utcnow
+from .client import call_daemon
+from .common import load, load_checked
+from .output import emit_json, out, relative, table
+
+__all__ = ["history", "rollback", "rotate", "status"]
+
+
+def _require(settings: Settings, name: str | None) -> None:
+    if name is not None and settings.secret(name) is None:
+        raise UnknownSecret(name)
+
+
+def rotate(args: argparse.Namespace) -> int:
+    _path, settings = load_checked(args)
+    _require(settings, args.name)
+    actor = "cli:offline" if args.offline else "cli"
+    if args.offline:
+        with StateLock(settings.daemon.state_dir):
+            runtime = build_runtime(settings)
+            try:
+                now = utcnow()
+                runtime.engine.rotate(args.name, trigger=actor, emergency=args.emergency, reason=args.reason, now=now)
+                result = secret_status(runtime.engine, args.name, utcnow())
+            finally:
+                runtime.close()
+    else:
+        request = {"op": "rotate", "name": args.name, "emergency": args.emergency}
+        if args.reason:
+            request["reason"] = args.reason
+        result = call_daemon(settings.daemon.socket_path, request)
+    if args.json:
+        emit_json(result)
+    else:
+        _describe_rotation(result, utcnow(), offline=args.offline)
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    _path, settings = load_checked(args)
+    _require(settings, args.name)
+    request = {"op": "rollback", "name": args.name}
+    if args.reason:
+        request["reason"] = args.reason
+    result = call_daemon(settings.daemon.socket_path, request)
+    if args.json:
+        emit_json(result)
+    else:
+        out(f"{args.name}: rotation {result['version']} rolled back; the previous primary is in force again")
+    return 0
+
+
+def _describe_rotation(s: dict[str, Any], now: datetime, *, offline: bool) -> None:
+    line = f"{s['name']}: rotation {s['version']} {s['state']}, phase {s['phase']}"
+    if s.get("next_step"):
+        line += f"; next step {s['next_step']} {relative(s.get('next_step_at'), now)}"
+    if s.get("error"):
+        line += f"\n  failing: {s['error']} (attempt {s['attempts']}; retried automatically)"
+    if offline and s.get("next_step"):
+        line += "\n  the daemon finishes the remaining steps when it starts"
+    out(line)
+
+
+def status(args: argparse.Namespace) -> int:
+    _path, settings = load(args)
+    _require(settings, args.name)
+    request: dict[str, Any] = {"op": "status"}
+    if args.name:
+        request["name"] = args.name
+    running = True
+    try:
+        rows = call_daemon(settings.daemon.socket_path, request)
+    except DaemonNotRunning:
+        running = False
+        rows = _offline(settings, lambda rt, n: secret_status(rt.engine, n, utcnow()), args.name)
+    if args.json:
+        emit_json({"daemon": {"running": running}, "secrets": rows})
+        return 0
+    now = utcnow()
+    headers = ["SECRET", "KIND", "VERSION", "PHASE", "STATE", "ROTATED", "NEXT ROTATION", "NEXT STEP"]
+    body = [
+        [
+            r["name"],
+            r["kind"],
+            str(r["version"]),
+            r["phase"],
+            r["state"],
+            relative(r["rotated_at"], now),
+            relative(r["next_rotation_at"], now),
+            f"{r['next_step']} {relative(r['next_step_at'], now)}" if r["next_step"] else "-",
+        ]
+        for r in rows
+    ]
+    out(table(headers, body))
+    for r in rows:
+        if r.get("error"):
+            out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
+    if not running:
+        out("daemon: not running (read from the state database)")
+    return 0
+
+
+def history(args: argparse.Namespace) -> int:
+    _path, settings = load(args)
+    _require(settings, args.name)
+    try:
+        rows = call_daemon(settings.daemon.socket_path, {"op": "history", "name": args.name})
+    except DaemonNotRunning:
+        rows = _offline(settings, lambda rt, n: history_report(rt.engine, n), args.name)[0]
+    if args.json:
+        emit_json(rows)
+        return 0
+    now = utcnow()
+    headers = ["VERSION", "PHASE", "STATUS", "STARTED", "FINISHED", "TRIGGER", "KEYS", "NOTE"]
+    body = [
+        [
+            str(r["version"]),
+            r["phase"],
+            r["status"],
+            r["started_at"] or "-",
+            relative(r["finished_at"], now) if r["finished_at"] else "-",
+            r["trigger"] + (" (emergency)" if r["emergency"] else ""),
+            f"{r['previous_key'] or '-'} -> {r['new_key'] or '-'}",
+            r["error"] or r["reason"] or "",
+        ]
+        for r in rows
+    ]
+    out(table(headers, body) if body else f"{args.name}: no rotations yet")
+    return 0
+
+
+def _offline(settings: Settings, fn: Any, name: str | None) -> list[Any]:
+    runtime = build_runtime(settings)
+    try:
+        names = [name] if name else [s.name for s in settings.secrets]
+        return [fn(runtime, n) for n in names]
+    finally:
+        runtime.close()

@@ -1,0 +1,251 @@
+"""``rotatord run``: lock -> resume -> schedule -> serve -> wait for a signal.
+
+The asyncio loop owns the control socket, signals and the watchdog; rotation steps run on the
+scheduler's worker threads (they block on backends and databases), so a slow backend never
+delays a watchdog ping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings, check_references, load_settings
+from ..engine.report import history_report, secret_status
+from ..errors import ConfigError, RotatordError, UnknownSecret
+from ..logs import setup_logging
+from ..schedule import JobScheduler
+from ..timeutil import Clock, SystemClock, format_ts
+from .control import ControlServer
+from .lock import StateLock
+from .protocol import Request
+from .runtime import Runtime, build_runtime
+from .systemd import Notifier, listen_fds, watchdog_period
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("rotatord.daemon")
+ERROR_RETRY = timedelta(minutes=1)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, settings: Settings, clock: Clock | None = None) -> None:
+        self.config_path = config_path
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.notifier = Notifier()
+        self.scheduler = JobScheduler()
+        self.control = ControlServer(self._handle)
+        self._locks: dict[str, threading.RLock] = {}
+        self._runtime: Runtime | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None
+        return self._runtime
+
+    def run(self) -> int:
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        daemon = self.settings.daemon
+        lock = StateLock(daemon.state_dir)
+        daemon.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock.acquire()
+        try:
+            self._runtime = build_runtime(self.settings, locks=self._locks)
+            self.runtime.engine.on_change = self._changed_threadsafe
+            self.notifier.status("resuming unfinished rotations")
+            resumed = await self._loop.run_in_executor(None, self._resume)
+            fds = listen_fds()
+            await self.control.start(
+                path=daemon.socket_path,
+                mode=daemon.socket_mode_int,
+                group=daemon.socket_group,
+                inherited_fd=fds.get("control"),
+            )
+            self.scheduler.start()
+            self._arm_all(startup=True)
+            for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set)):
+                self._loop.add_signal_handler(sig, handler)
+            self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+            self.notifier.ready(self._status_line())
+            log.info(
+                "rotatord ready",
+                extra={"secrets": len(self.settings.secrets), "resumed": resumed, "socket": str(daemon.socket_path)},
+            )
+            watchdog = asyncio.ensure_future(self._watchdog())
+            await self._stop.wait()
+            self._stopping = True
+            self.notifier.stopping("stopping: finishing the steps in flight")
+            log.info("stopping: waiting for steps in flight")
+            watchdog.cancel()
+            await self.control.close()
+            await self._loop.run_in_executor(None, self.scheduler.shutdown)
+            self.runtime.close()
+            log.info("stopped cleanly")
+            return 0
+        finally:
+            lock.release()
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _resume(self) -> int:
+        engine = self.runtime.engine
+        active = engine.resume(self.clock.now())
+        for rot in active:
+            if rot.secret not in engine.secrets:
+                log.warning("active rotation of a secret no longer configured", extra={"secret": rot.secret})
+                continue
+            log.info("resuming rotation", extra={"secret": rot.secret, "version": rot.version, "phase": rot.phase})
+            self._tick(rot.secret, rearm=False)
+        return len(active)
+
+    def _arm_all(self, startup: bool) -> None:
+        engine = self.runtime.engine
+        now = self.clock.now()
+        jitter = self.settings.daemon.startup_jitter.total_seconds()
+        for key in self.scheduler.job_ids():
+            if key not in engine.secrets:
+                self.scheduler.disarm(key)
+        for name in engine.secrets:
+            active = engine.journal.active(name)
+            when = now if active else engine.next_due(name, now)
+            if when <= now:
+                # Missed while the daemon was down (or never done): run once, spread out a little.
+                when = now + timedelta(seconds=random.uniform(0, jitter) if startup else 0)
+            self._arm(name, when)
+
+    def _arm(self, name: str, when: datetime) -> None:
+        if not self._stopping:
+            self.scheduler.arm(name, when, lambda: self._tick(name))
+
+    def _tick(self, name: str, rearm: bool = True) -> None:
+        engine = self.runtime.engine
+        if name not in engine.secrets:
+            return
+        try:
+            nxt = engine.tick(name, self.clock.now())
+        except RotatordError as exc:
+            log.error("tick failed", extra={"secret": name, "error": str(exc)})
+            nxt = self.clock.now() + ERROR_RETRY
+        except Exception:
+            log.exception("tick failed", extra={"secret": name})
+            nxt = self.clock.now() + ERROR_RETRY
+        if rearm:
+            self._arm(name, nxt)
+        self._changed_threadsafe(name)
+
+    # -- status, signals, watchdog ---------------------------------------------------------
+
+    def _changed_threadsafe(self, _name: str) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._publish_status)
+
+    def _publish_status(self) -> None:
+        if not self._stopping:
+            self.notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        engine = self.runtime.engine
+        now = self.clock.now()
+        active = [r for r in engine.journal.all_active() if r.secret in engine.secrets]
+        failing = [r for r in active if r.error]
+        upcoming = sorted((self.scheduler.next_run(n) or now, n) for n in engine.secrets)
+        parts = [f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
+        if failing:
+            parts.append(f"{len(failing)} failing ({failing[0].secret}: {failing[0].error})")
+        if upcoming:
+            when, name = upcoming[0]
+            parts.append(f"next: {name} at {format_ts(when)}")
+        return "; ".join(parts)
+
+    async def _watchdog(self) -> None:
+        period = watchdog_period()
+        if period is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(period)
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("reloading configuration", extra={"config": str(self.config_path)})
+        try:
+            new = load_settings(self.config_path)
+            problems = check_references(new, self.config_path)
+            if problems:
+                raise ConfigError(problems)
+            old = self.settings.daemon
+            if (new.daemon.state_dir, new.daemon.database_url, new.daemon.socket_path) != (
+                old.state_dir,
+                old.database_url,
+                old.socket_path,
+            ):
+                raise ConfigError("daemon.state_dir, state_url and control_socket cannot change on reload; restart")
+            assert self._loop is not None
+            runtime = await self._loop.run_in_executor(
+                None, lambda: build_runtime(new, journal=self.runtime.journal, locks=self._locks)
+            )
+        except ConfigError as exc:
+            log.error("reload refused: the running configuration stays in force", extra={"problems": exc.problems})
+            self.notifier.ready(self._status_line())
+            return
+        old_runtime, self._runtime, self.settings = self.runtime, runtime, new
+        runtime.engine.on_change = self._changed_threadsafe
+        for backend in old_runtime.backends.values():
+            backend.close()
+        setup_logging(new.daemon.log_level)
+        self._arm_all(startup=False)
+        log.info("configuration reloaded", extra={"secrets": len(new.secrets)})
+        self.notifier.ready(self._status_line())
+
+    # -- control requests ------------------------------------------------------------------
+
+    async def _handle(self, request: Request, actor: str) -> Any:
+        assert self._loop is not None
+        if request.op == "ping":
+            return {"pid": os.getpid(), "secrets": len(self.runtime.engine.secrets)}
+        if request.op == "reload":
+            await self._reload()
+            return {"reloaded": True}
+        return await self._loop.run_in_executor(None, self._handle_blocking, request, actor)
+
+    def _handle_blocking(self, request: Request, actor: str) -> Any:
+        engine = self.runtime.engine
+        now = self.clock.now()
+        if request.op == "status":
+            names = [request.name] if request.name else list(engine.secrets)
+            return [self._status_of(n, now) for n in names]
+        assert request.name is not None
+        if request.name not in engine.secrets:
+            raise UnknownSecret(request.name)
+        if request.op == "history":
+            return history_report(engine, request.name)
+        if request.op == "rotate":
+            rot = engine.rotate(
+                request.name, trigger=actor, emergency=request.emergency, reason=request.reason, now=now
+            )
+        elif request.op == "rollback":
+            rot = engine.rollback(request.name, trigger=actor, reason=request.reason, now=now)
+        else:  # parse_request admits no other op
+            raise AssertionError(request.op)
+        self._arm(request.name, engine.next_due(request.name, now) if not rot.active else now)
+        self._tick(request.name)
+        return self._status_of(request.name, self.clock.now())
+
+    def _status_of(self, name: str, now: datetime) -> dict[str, Any]:
+        status = secret_status(self.runtime.engine, name, now)
+        status["scheduled_at"] = format_ts(self.scheduler.next_run(name))
+        return status

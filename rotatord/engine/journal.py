@@ -1,0 +1,441 @@
+"""The state database: rotations, their steps, the webhook outbox and the audit head.
+
+It holds versions, phases, checkpoints, deliveries and audit digests, never key material.
+SQLite (WAL) by default; the URL is configurable so PostgreSQL can hold it for several instances.
+Each step records its intent (with a fresh request id) before acting and its result after, so a
+process killed anywhere resumes the step with the same request id and never repeats its effect.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.types import TypeDecorator
+
+from ..errors import RotationInProgress, StateError
+from ..interfaces import Event
+from ..timeutil import format_ts
+
+__all__ = ["Journal", "RotationRow", "StepRow"]
+
+ACTIVE = "active"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every database (SQLite stores them naive)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+metadata = MetaData()
+
+rotations = Table(
+    "rotations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("secret", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("phase", String(20), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("trigger", String(128), nullable=False),
+    Column("emergency", Boolean, nullable=False, default=False),
+    Column("reason", Text),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("promote_after", UTCDateTime),
+    Column("retire_after", UTCDateTime),
+    Column("backend_version", String(128)),
+    Column("previous_key", String(32)),
+    Column("new_key", String(32)),
+    Column("error", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime),
+    UniqueConstraint("secret", "version", name="uq_rotation_version"),
+)
+# Never two rotations of one secret at once, enforced by the database itself, across processes.
+Index(
+    "uq_one_active_rotation",
+    rotations.c.secret,
+    unique=True,
+    sqlite_where=rotations.c.status == ACTIVE,
+    postgresql_where=rotations.c.status == ACTIVE,
+)
+
+steps = Table(
+    "steps",
+    metadata,
+    Column("rotation_id", Integer, ForeignKey("rotations.id"), primary_key=True),
+    Column("name", String(32), primary_key=True),
+    Column("state", String(16), nullable=False),  # intent | done
+    Column("request_id", String(64), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("result", Text),  # JSON of non-secret facts: versions, key ids, counts
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("webhook_id", String(64), nullable=False, unique=True),
+    Column("rotation_id", Integer, ForeignKey("rotations.id")),
+    Column("consumer", String(64), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | dead
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("next_attempt_at", UTCDateTime),
+    Column("delivered_at", UTCDateTime),
+    Column("last_error", Text),
+)
+
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", Integer, nullable=False),
+    Column("digest", String(64), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class RotationRow:
+    id: int
+    secret: str
+    version: int
+    kind: str
+    phase: str
+    status: str
+    trigger: str
+    emergency: bool
+    reason: str | None
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    promote_after: datetime | None
+    retire_after: datetime | None
+    backend_version: str | None
+    previous_key: str | None
+    new_key: str | None
+    error: str | None
+    attempts: int
+    next_attempt_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.status == ACTIVE
+
+
+@dataclass(frozen=True)
+class StepRow:
+    rotation_id: int
+    name: str
+    state: str
+    request_id: str
+    started_at: datetime
+    finished_at: datetime | None
+    result: dict[str, Any] | None
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Journal:
+    """Typed access to the state database.  Thread-safe; every method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self._engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise StateError(f"state database URL is unusable: {type(exc).__name__}") from None
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_pragmas)
+
+    def create(self) -> None:
+        """Create missing tables (idempotent)."""
+        try:
+            metadata.create_all(self._engine)
+        except SQLAlchemyError as exc:
+            raise StateError(f"cannot initialise the state database: {_describe(exc)}") from None
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
+        except OperationalError as exc:
+            raise StateError(f"state database error: {_describe(exc)}") from None
+
+    # -- rotations -------------------------------------------------------------------------
+
+    def latest(self, secret: str) -> RotationRow | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(rotations).where(rotations.c.secret == secret).order_by(rotations.c.version.desc()).limit(1)
+            ).first()
+        return _rotation(row)
+
+    def active(self, secret: str) -> RotationRow | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(rotations).where(rotations.c.secret == secret, rotations.c.status == ACTIVE)
+            ).first()
+        return _rotation(row)
+
+    def all_active(self) -> list[RotationRow]:
+        with self._tx() as conn:
+            rows = conn.execute(select(rotations).where(rotations.c.status == ACTIVE)).all()
+        return [r for r in map(_rotation, rows) if r is not None]
+
+    def history(self, secret: str, limit: int = 100) -> list[RotationRow]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(rotations).where(rotations.c.secret == secret).order_by(rotations.c.version.desc()).limit(limit)
+            ).all()
+        return [r for r in map(_rotation, rows) if r is not None]
+
+    def get(self, rotation_id: int) -> RotationRow:
+        with self._tx() as conn:
+            row = conn.execute(select(rotations).where(rotations.c.id == rotation_id)).first()
+        result = _rotation(row)
+        if result is None:
+            raise StateError(f"rotation {rotation_id} is not in the journal")
+        return result
+
+    def start(
+        self,
+        *,
+        secret: str,
+        kind: str,
+        version: int,
+        phase: str,
+        trigger: str,
+        emergency: bool,
+        reason: str | None,
+        now: datetime,
+    ) -> RotationRow:
+        """Record a new active rotation; raise RotationInProgress if the secret already has one."""
+        try:
+            with self._tx() as conn:
+                rid = conn.execute(
+                    insert(rotations).values(
+                        secret=secret,
+                        kind=kind,
+                        version=version,
+                        phase=phase,
+                        status=ACTIVE,
+                        trigger=trigger,
+                        emergency=emergency,
+                        reason=reason,
+                        started_at=now,
+                        updated_at=now,
+                        attempts=0,
+                    )
+                ).inserted_primary_key
+        except IntegrityError:
+            current = self.active(secret)
+            where = f" (version {current.version}, phase {current.phase})" if current else ""
+            raise RotationInProgress(f"a rotation of {secret!r} is already in progress{where}") from None
+        assert rid is not None
+        return self.get(int(rid[0]))
+
+    def update(self, rotation_id: int, now: datetime, **values: Any) -> RotationRow:
+        with self._tx() as conn:
+            conn.execute(update(rotations).where(rotations.c.id == rotation_id).values(updated_at=now, **values))
+        return self.get(rotation_id)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def step(self, rotation_id: int, name: str) -> StepRow | None:
+        with self._tx() as conn:
+            row = conn.execute(select(steps).where(steps.c.rotation_id == rotation_id, steps.c.name == name)).first()
+        return _step(row)
+
+    def steps(self, rotation_id: int) -> list[StepRow]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(steps).where(steps.c.rotation_id == rotation_id).order_by(steps.c.started_at)
+            ).all()
+        return [s for s in map(_step, rows) if s is not None]
+
+    def begin_step(self, rotation_id: int, name: str, now: datetime) -> StepRow:
+        """Record the intent to run a step, or return the existing record (same request id)."""
+        existing = self.step(rotation_id, name)
+        if existing is not None:
+            return existing
+        request_id = uuid.uuid4().hex
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    insert(steps).values(
+                        rotation_id=rotation_id, name=name, state="intent", request_id=request_id, started_at=now
+                    )
+                )
+        except IntegrityError:
+            pass  # another thread recorded it first; theirs is the intent
+        step = self.step(rotation_id, name)
+        assert step is not None
+        return step
+
+    def complete_step(
+        self,
+        rotation_id: int,
+        name: str,
+        now: datetime,
+        result: Mapping[str, Any],
+        rotation: Mapping[str, Any],
+        events: Sequence[tuple[str, Event]] = (),
+    ) -> RotationRow:
+        """In ONE transaction: mark the step done, move the rotation on, and queue its events.
+
+        ``events`` are (consumer, event) pairs for the webhook outbox, so a notification exists
+        exactly when the phase change that causes it does.
+        """
+        with self._tx() as conn:
+            conn.execute(
+                update(steps)
+                .where(steps.c.rotation_id == rotation_id, steps.c.name == name)
+                .values(state="done", finished_at=now, result=json.dumps(dict(result), sort_keys=True))
+            )
+            conn.execute(
+                update(rotations)
+                .where(rotations.c.id == rotation_id)
+                .values(updated_at=now, error=None, attempts=0, next_attempt_at=None, **rotation)
+            )
+            for consumer, ev in events:
+                _queue(conn, consumer, ev, now)
+        return self.get(rotation_id)
+
+    def queue_events(self, events: Sequence[tuple[str, Event]], now: datetime) -> None:
+        with self._tx() as conn:
+            for consumer, ev in events:
+                _queue(conn, consumer, ev, now)
+
+    def pending_deliveries(self) -> int:
+        with self._tx() as conn:
+            n = conn.execute(select(func.count()).select_from(outbox).where(outbox.c.status == "pending")).scalar()
+        return int(n or 0)
+
+    # -- audit head (see rotatord.audit.AuditHead) -----------------------------------------
+
+    def load(self) -> tuple[int, str] | None:
+        with self._tx() as conn:
+            row = conn.execute(select(audit_head.c.seq, audit_head.c.digest).where(audit_head.c.id == 1)).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def save(self, seq: int, digest: str) -> None:
+        with self._tx() as conn:
+            done = conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, digest=digest))
+            if done.rowcount == 0:
+                conn.execute(insert(audit_head).values(id=1, seq=seq, digest=digest))
+
+
+def _queue(conn: Connection, consumer: str, ev: Event, now: datetime) -> None:
+    payload = {
+        "type": ev.type,
+        "timestamp": format_ts(ev.occurred_at),
+        "data": {
+            "secret": ev.secret,
+            "rotation_id": ev.rotation_id,
+            "version": ev.version,
+            "phase": ev.phase,
+            "backend": ev.backend,
+            "path": ev.path,
+            "backend_version": ev.backend_version,
+            **dict(ev.detail),
+        },
+    }
+    conn.execute(
+        insert(outbox).values(
+            webhook_id=f"msg_{uuid.uuid4().hex}",
+            rotation_id=ev.rotation_id,
+            consumer=consumer,
+            event_type=ev.type,
+            payload=json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            status="pending",
+            attempts=0,
+            created_at=now,
+            next_attempt_at=now,
+        )
+    )
+
+
+def _rotation(row: Any) -> RotationRow | None:
+    if row is None:
+        return None
+    m = row._mapping
+    return RotationRow(**{k: m[k] for k in RotationRow.__dataclass_fields__})
+
+
+def _step(row: Any) -> StepRow | None:
+    if row is None:
+        return None
+    m = row._mapping
+    return StepRow(
+        rotation_id=m["rotation_id"],
+        name=m["name"],
+        state=m["state"],
+        request_id=m["request_id"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        result=json.loads(m["result"]) if m["result"] else None,
+    )
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {str(orig or exc).splitlines()[0][:200]}"

@@ -1,0 +1,88 @@
+"""What ``status`` and ``history`` show: facts from the journal and the policy, never material.
+
+Reads only the state database, so it answers quickly whether or not backends are reachable.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ..timeutil import format_ts
+from .journal import RotationRow
+from .runner import Engine
+from .states import next_step
+
+__all__ = ["history_report", "secret_status"]
+
+
+def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
+    secret = engine.setting(name)
+    latest = engine.journal.latest(name)
+    due = engine.next_due(name, now)
+    out: dict[str, Any] = {
+        "name": name,
+        "kind": secret.kind,
+        "backend": secret.backend,
+        "path": secret.path,
+        "version": latest.version if latest else 0,
+        "phase": latest.phase if latest else "none",
+        "state": "never rotated",
+        "rotated_at": format_ts(latest.started_at) if latest else None,
+        "age_seconds": int((now - latest.started_at).total_seconds()) if latest else None,
+        "next_rotation_at": format_ts(due),
+        "next_step": None,
+        "next_step_at": None,
+        "backend_version": latest.backend_version if latest else None,
+        "error": None,
+        "attempts": 0,
+        "emergency": bool(latest.emergency) if latest else False,
+    }
+    if latest is None:
+        return out
+    out["state"] = latest.status
+    if latest.active:
+        step = next_step(latest.kind, latest.phase)
+        when = latest.next_attempt_at or _ready_at(latest, step)
+        out["state"] = "failing" if latest.error else "in progress"
+        out["next_step"] = step
+        out["next_step_at"] = format_ts(when) if when else format_ts(now)
+        out["error"] = latest.error
+        out["attempts"] = latest.attempts
+    return out
+
+
+def _ready_at(rot: RotationRow, step: str | None) -> datetime | None:
+    if step == "promote":
+        return rot.promote_after
+    if step in ("retire", "revoke"):
+        return rot.retire_after
+    return None
+
+
+def history_report(engine: Engine, name: str, limit: int = 50) -> list[dict[str, Any]]:
+    engine.setting(name)
+    rows = []
+    for rot in engine.journal.history(name, limit):
+        rows.append(
+            {
+                "rotation_id": rot.id,
+                "version": rot.version,
+                "phase": rot.phase,
+                "status": rot.status,
+                "trigger": rot.trigger,
+                "emergency": rot.emergency,
+                "reason": rot.reason,
+                "started_at": format_ts(rot.started_at),
+                "finished_at": format_ts(rot.finished_at),
+                "new_key": rot.new_key,
+                "previous_key": rot.previous_key,
+                "backend_version": rot.backend_version,
+                "error": rot.error,
+                "steps": [
+                    {"name": s.name, "state": s.state, "at": format_ts(s.finished_at or s.started_at)}
+                    for s in engine.journal.steps(rot.id)
+                ],
+            }
+        )
+    return rows

@@ -1,0 +1,473 @@
+"""The rotation engine: advances each secret's persisted state machine one idempotent step at a time.
+
+Every step follows the same protocol (STYLE rule 9): record the intent (with a request id) in
+the journal, act (each action first checks whether its effect already exists), append the audit
+record, then record the result, the new phase and the step's webhook events in one transaction.
+``kill -9`` anywhere in between is survived by running the step again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..audit import AuditLog
+from ..config import SecretSettings
+from ..crypto.generators import generator_for
+from ..crypto.keyring import KeyIdentifier, rotator
+from ..document import CredentialSet, Document, FernetRing, key_id_for
+from ..errors import (
+    ConflictError,
+    NotManaged,
+    RetirementBlocked,
+    RollbackImpossible,
+    RotationInProgress,
+    RotatordError,
+    UnknownSecret,
+)
+from ..interfaces import Backend, DataStore, Event
+from . import transitions as t
+from .journal import ACTIVE, Journal, RotationRow
+from .policy import RetryPolicy, next_rotation_due
+from .states import EVENT_AFTER, FIRST_PHASE, PHASE_AFTER, next_step
+
+__all__ = ["CRASH_ENV", "Engine", "StepOutcome"]
+
+log = logging.getLogger("rotatord.engine")
+
+#: Test-only: a comma-separated list of ``<step>.<point>`` names (point: intent, acted, done) at
+#: which the process SIGKILLs itself, so crash tests can name the instant they interrupt.
+CRASH_ENV = "ROTATORD_TEST_CRASH_AT"
+CAS_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a step did: facts for the journal (never material) and the rotation columns to update."""
+
+    result: dict[str, Any]
+    updates: dict[str, Any]
+    detail: dict[str, str]
+
+
+class Engine:
+    """Runs rotations for the configured secrets.  Thread-safe: one lock per secret."""
+
+    def __init__(
+        self,
+        secrets: Sequence[SecretSettings],
+        backends: Mapping[str, Backend],
+        journal: Journal,
+        audit: AuditLog,
+        retry: RetryPolicy,
+        stores: Mapping[str, Sequence[DataStore]] | None = None,
+        locks: dict[str, threading.RLock] | None = None,
+    ) -> None:
+        self.secrets = {s.name: s for s in secrets}
+        self.backends = backends
+        self.journal = journal
+        self.audit = audit
+        self.retry = retry
+        self.stores = stores or {}
+        # Shared across engine instances (a reload builds a new engine while a step may still run).
+        self._locks = locks if locks is not None else {}
+        for name in self.secrets:
+            self._locks.setdefault(name, threading.RLock())
+        self._crash_points = {p for p in os.environ.get(CRASH_ENV, "").split(",") if p}
+        self.on_change: Callable[[str], None] | None = None
+
+    # -- entry points ----------------------------------------------------------------------
+
+    def setting(self, name: str) -> SecretSettings:
+        try:
+            return self.secrets[name]
+        except KeyError:
+            raise UnknownSecret(name) from None
+
+    def next_due(self, name: str, now: datetime) -> datetime:
+        latest = self.journal.latest(name)
+        return next_rotation_due(self.setting(name), latest.started_at if latest else None, now)
+
+    def tick(self, name: str, now: datetime) -> datetime:
+        """Scheduler entry: advance the active rotation, or start one that is due.  Returns the
+        next time something is due for this secret."""
+        with self._lock(name):
+            rot = self.journal.active(name)
+            if rot is None:
+                due = self.next_due(name, now)
+                if due > now:
+                    return due
+                try:
+                    rot = self._start(name, trigger="schedule", emergency=False, reason=None, now=now)
+                except RotatordError as exc:
+                    log.error("cannot start rotation", extra={"secret": name, "error": str(exc)})
+                    return now + self.retry.delay(1)
+            return self._advance(rot, now)
+
+    def rotate(self, name: str, *, trigger: str, emergency: bool, reason: str | None, now: datetime) -> RotationRow:
+        """Start a rotation now (operator's request) and run the steps that are ready."""
+        self.setting(name)
+        with self._lock(name):
+            active = self.journal.active(name)
+            if active is not None:
+                if not emergency:
+                    raise RotationInProgress(
+                        f"rotation {active.version} of {name!r} is in progress (phase {active.phase}); "
+                        "wait for it, roll it back, or use --emergency to finish it now"
+                    )
+                rot = self.journal.update(
+                    active.id,
+                    now,
+                    emergency=True,
+                    reason=reason or active.reason,
+                    promote_after=now,
+                    next_attempt_at=None,
+                )
+                if rot.retire_after is not None:
+                    rot = self.journal.update(rot.id, now, retire_after=now)
+                self._audit("rotation.emergency", rot, actor=trigger, reason=reason)
+            else:
+                rot = self._start(name, trigger=trigger, emergency=emergency, reason=reason, now=now)
+            self._advance(rot, now)
+            return self.journal.get(rot.id)
+
+    def rollback(self, name: str, *, trigger: str, reason: str | None, now: datetime) -> RotationRow:
+        """Put the previous primary back while it is still in the ring."""
+        secret = self.setting(name)
+        with self._lock(name):
+            rot = self.journal.active(name) or self.journal.latest(name)
+            if rot is None:
+                raise RollbackImpossible(f"{name!r} has no rotation to roll back")
+            if rot.status == "rolled_back":
+                raise RollbackImpossible(f"rotation {rot.version} of {name!r} is already rolled back")
+            if rot.previous_key is None and rot.phase != FIRST_PHASE:
+                raise RollbackImpossible(
+                    f"rotation {rot.version} of {name!r} created the secret; there is no previous key"
+                )
+            step = self.journal.begin_step(rot.id, "rollback", now)
+            return self._finish_rollback(secret, rot, step.request_id, trigger, reason, now)
+
+    def resume(self, now: datetime) -> list[RotationRow]:
+        """Every rotation left active by an earlier process (crash, restart, failover)."""
+        return self.journal.all_active()
+
+    # -- the state machine -----------------------------------------------------------------
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        with self._locks[name]:
+            yield
+
+    def _start(self, name: str, *, trigger: str, emergency: bool, reason: str | None, now: datetime) -> RotationRow:
+        secret = self.setting(name)
+        latest = self.journal.latest(name)
+        current = self.backends[secret.backend].read(secret.path)
+        doc = current.document if current else None
+        if doc is not None:
+            self._check_owner(secret, doc)
+        version = max(latest.version if latest else 0, doc.version if doc else 0) + 1
+        rot = self.journal.start(
+            secret=name, kind=secret.kind, version=version, phase=FIRST_PHASE, trigger=trigger,
+            emergency=emergency, reason=reason, now=now,
+        )  # fmt: skip
+        self._audit("rotation.started", rot, actor=trigger, reason=reason)
+        log.info("rotation started", extra={"secret": name, "version": version, "trigger": trigger})
+        return rot
+
+    def _advance(self, rot: RotationRow, now: datetime) -> datetime:
+        secret = self.setting(rot.secret)
+        while rot.status == ACTIVE:
+            pending_rollback = self.journal.step(rot.id, "rollback")
+            if pending_rollback is not None:  # an interrupted rollback is finished, not undone
+                rot = self._finish_rollback(secret, rot, pending_rollback.request_id, "resume", None, now)
+                break
+            if rot.next_attempt_at is not None and rot.next_attempt_at > now:
+                return rot.next_attempt_at
+            step = next_step(rot.kind, rot.phase)
+            if step is None:  # every step done but not closed: close it
+                rot = self.journal.update(rot.id, now, status="done", finished_at=now)
+                break
+            ready = self._ready_at(rot, step)
+            if ready is not None and ready > now:
+                return ready
+            try:
+                rot = self._run_step(secret, rot, step, now)
+            except RotatordError as exc:
+                return self._failed(rot, step, exc, now)
+            except Exception as exc:  # a bug must not kill the scheduler; it is logged and retried
+                log.exception("internal error in step", extra={"secret": rot.secret, "step": step})
+                return self._failed(rot, step, exc, now)
+        self._changed(rot.secret)
+        return self.next_due(rot.secret, now)
+
+    @staticmethod
+    def _ready_at(rot: RotationRow, step: str) -> datetime | None:
+        if step == "promote":
+            return rot.promote_after
+        if step in ("retire", "revoke"):
+            return rot.retire_after
+        return None
+
+    def _run_step(self, secret: SecretSettings, rot: RotationRow, step: str, now: datetime) -> RotationRow:
+        intent = self.journal.begin_step(rot.id, step, now)
+        self._crash(f"{step}.intent")
+        outcome = getattr(self, f"_step_{step}")(secret, rot, intent.request_id, now)
+        self._crash(f"{step}.acted")
+        phase = PHASE_AFTER[step]
+        updates = dict(outcome.updates, phase=phase)
+        if phase in ("retired", "revoked"):
+            updates.update(status="done", finished_at=now)
+        self._audit(f"rotation.{phase}", rot, actor=rot.trigger, request_id=intent.request_id, **outcome.result)
+        events = self._events(secret, rot, EVENT_AFTER.get(step), phase, outcome, now)
+        rot = self.journal.complete_step(rot.id, step, now, outcome.result, updates, events)
+        log.info(
+            f"rotation {phase}",
+            extra={"secret": rot.secret, "version": rot.version, "phase": phase, **outcome.result},
+        )
+        self._changed(rot.secret)
+        self._crash(f"{step}.done")
+        return rot
+
+    def _failed(self, rot: RotationRow, step: str, exc: Exception, now: datetime) -> datetime:
+        attempts = rot.attempts + 1
+        retry_at = now + self.retry.delay(attempts)
+        message = str(exc) if isinstance(exc, RotatordError) else f"internal error ({type(exc).__name__})"
+        self.journal.update(rot.id, now, error=f"{step}: {message}", attempts=attempts, next_attempt_at=retry_at)
+        transient = isinstance(exc, RotatordError) and exc.transient
+        log.log(
+            logging.WARNING if transient else logging.ERROR,
+            "step failed; the previous primary stays in force",
+            extra={"secret": rot.secret, "version": rot.version, "step": step, "error": message,
+                   "attempt": attempts, "retry_at": retry_at.isoformat()},
+        )  # fmt: skip
+        if attempts == 1:
+            secret = self.setting(rot.secret)
+            self._audit("rotation.failed", rot, actor=rot.trigger, step=step, error=message)
+            outcome = StepOutcome({}, {}, {"step": step, "error": message})
+            self.journal.queue_events(self._events(secret, rot, "rotation.failed", rot.phase, outcome, now), now)
+        self._changed(rot.secret)
+        return retry_at
+
+    # -- steps: each reads, checks whether its effect exists, writes with check-and-set ----
+
+    def _step_stage(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
+        generator = generator_for("fernet")
+        before: dict[str, str | None] = {}
+
+        def mutate(doc: Document | None) -> Document | None:
+            ring = self._ring(secret, doc)
+            before["primary"] = ring.primary if ring else None
+            return t.stage_ring(ring, secret.name, rot.version, generator.generate, now)
+
+        version, doc = self._cas(secret, mutate, request_id)
+        assert isinstance(doc, FernetRing)
+        kid = key_id_for(rot.version)
+        previous = before["primary"] if before["primary"] != kid else None
+        immediate = previous is None or rot.emergency
+        promote_after = now if immediate else now + secret.propagation
+        updates = {"backend_version": version, "new_key": kid, "previous_key": previous, "promote_after": promote_after}
+        return StepOutcome({"backend_version": version, "key": kid}, updates, {"key": kid})
+
+    def _step_promote(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
+        retire_after = now if (rot.emergency or rot.previous_key is None) else now + secret.grace
+
+        def mutate(doc: Document | None) -> Document | None:
+            ring = self._require_ring(secret, doc)
+            return t.promote_ring(ring, rot.version, now, retire_after)
+
+        version, doc = self._cas(secret, mutate, request_id)
+        assert isinstance(doc, FernetRing)
+        old = doc.key(rot.previous_key) if rot.previous_key else None
+        if old is not None and old.retire_after is not None:
+            retire_after = old.retire_after  # resumed: the deadline written the first time wins
+        updates = {"backend_version": version, "retire_after": retire_after}
+        return StepOutcome({"backend_version": version, "primary": doc.primary}, updates, {"primary": doc.primary})
+
+    def _step_reencrypt(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
+        current = self.backends[secret.backend].read(secret.path)
+        ring = self._require_ring(secret, current.document if current else None)
+        identify = KeyIdentifier(ring).identify
+        rotate = rotator(ring)
+        rewritten = quarantined = 0
+        for store in self.stores.get(secret.name, ()):
+            report = store.reencrypt(rotate, identify, ring.primary, None, lambda _cp, _rep: None)
+            rewritten += report.rewritten
+            quarantined += report.quarantined
+        result = {"stores": len(self.stores.get(secret.name, ())), "rewritten": rewritten, "quarantined": quarantined}
+        return StepOutcome(result, {}, {})
+
+    def _step_retire(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
+        current = self.backends[secret.backend].read(secret.path)
+        ring = self._require_ring(secret, current.document if current else None)
+        candidates = {k.id for k in t.retire_candidates(ring, now, secret.keep)}
+        if candidates:
+            identify = KeyIdentifier(ring).identify
+            for store in self.stores.get(secret.name, ()):
+                census = store.census(identify)
+                needed = {kid: census.count(kid) for kid in candidates if census.count(kid)}
+                if needed:
+                    raise RetirementBlocked(
+                        f"{store.label} still holds items under "
+                        + ", ".join(f"{kid} ({n})" for kid, n in sorted(needed.items()))
+                    )
+
+        def mutate(doc: Document | None) -> Document | None:
+            return t.retire_ring(self._require_ring(secret, doc), candidates, now)
+
+        version, _doc = self._cas(secret, mutate, request_id)
+        removed = ",".join(sorted(candidates))
+        return StepOutcome({"backend_version": version, "removed": removed}, {"backend_version": version},
+                           {"removed": removed})  # fmt: skip
+
+    def _step_issue(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
+        generator = generator_for(secret.kind, token_prefix=secret.token_prefix)
+        before: dict[str, str | None] = {}
+        emergency_or_first: dict[str, bool] = {}
+
+        def mutate(doc: Document | None) -> Document | None:
+            cs = self._credentials(secret, doc)
+            before["current"] = cs.current.id if cs else None
+            emergency_or_first["v"] = rot.emergency or cs is None
+            valid_until = now if emergency_or_first["v"] else now + secret.grace
+            return t.issue_credential(
+                cs, name=secret.name, kind=secret.kind, version=rot.version,  # type: ignore[arg-type]
+                generate=generator.generate, now=now, valid_until=valid_until, ttl=secret.token_ttl,
+            )  # fmt: skip
+
+        version, doc = self._cas(secret, mutate, request_id)
+        assert isinstance(doc, CredentialSet)
+        kid = key_id_for(rot.version)
+        previous = before["current"] if before["current"] != kid else (doc.previous.id if doc.previous else None)
+        retire_after = doc.previous.valid_until if doc.previous and doc.previous.valid_until else now
+        updates = {"backend_version": version, "new_key": kid, "previous_key": previous, "retire_after": retire_after}
+        return StepOutcome({"backend_version": version, "id": kid}, updates, {"id": kid})
+
+    def _step_revoke(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
+        def mutate(doc: Document | None) -> Document | None:
+            cs = self._credentials(secret, doc)
+            if cs is None:
+                raise NotManaged(f"{secret.path}: the credential document disappeared")
+            return t.revoke_credential(cs, now)
+
+        version, _doc = self._cas(secret, mutate, request_id)
+        revoked = rot.previous_key or ""
+        return StepOutcome({"backend_version": version, "revoked": revoked}, {"backend_version": version},
+                           {"revoked": revoked})  # fmt: skip
+
+    def _finish_rollback(
+        self, secret: SecretSettings, rot: RotationRow, request_id: str, trigger: str, reason: str | None, now: datetime
+    ) -> RotationRow:
+        retire_after = now + secret.grace
+
+        def mutate(doc: Document | None) -> Document | None:
+            if secret.kind == "fernet":
+                ring = self._require_ring(secret, doc)
+                kid = key_id_for(rot.version)
+                if rot.phase in (FIRST_PHASE, "staged"):  # never primary: nothing was encrypted under it
+                    return t.retire_ring(ring, {kid}, now) if ring.primary != kid else None
+                assert rot.previous_key is not None
+                return t.rollback_ring(ring, rot.previous_key, now, retire_after)
+            cs = self._credentials(secret, doc)
+            if cs is None or rot.previous_key is None:
+                raise RollbackImpossible(f"{secret.name!r} has no previous credential")
+            return t.rollback_credentials(cs, rot.previous_key, now, retire_after)
+
+        version, _doc = self._cas(secret, mutate, request_id)
+        self._audit("rotation.rolled_back", rot, actor=trigger, reason=reason, backend_version=version)
+        outcome = StepOutcome({"backend_version": version}, {}, {"reason": reason or ""})
+        events = self._events(secret, rot, "rotation.rolled_back", rot.phase, outcome, now)
+        rot = self.journal.complete_step(
+            rot.id, "rollback", now, {"backend_version": version},
+            {"status": "rolled_back", "finished_at": now, "backend_version": version}, events,
+        )  # fmt: skip
+        log.warning("rotation rolled back", extra={"secret": rot.secret, "version": rot.version, "reason": reason})
+        self._changed(rot.secret)
+        return rot
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _cas(
+        self, secret: SecretSettings, mutate: Callable[[Document | None], Document | None], request_id: str
+    ) -> tuple[str, Document]:
+        """Read, transform, write with check-and-set; on a conflict re-read and re-validate."""
+        backend = self.backends[secret.backend]
+        for _attempt in range(CAS_ATTEMPTS):
+            current = backend.read(secret.path)
+            if current is not None:
+                self._check_owner(secret, current.document)
+            new = mutate(current.document if current else None)
+            if new is None:
+                assert current is not None
+                return current.version, current.document
+            try:
+                version = backend.write(
+                    secret.path, new, expected=current.version if current else None, request_id=request_id
+                )
+            except ConflictError:
+                log.info("concurrent change; re-reading", extra={"secret": secret.name, "path": secret.path})
+                continue
+            return version, new
+        raise ConflictError(f"{secret.path}: changed concurrently {CAS_ATTEMPTS} times in a row; will retry")
+
+    @staticmethod
+    def _check_owner(secret: SecretSettings, doc: Document) -> None:
+        if doc.name != secret.name or doc.kind != secret.kind:
+            raise NotManaged(
+                f"{secret.path}: holds the {doc.kind} document of {doc.name!r}, "
+                f"not the {secret.kind} of {secret.name!r}"
+            )
+
+    @staticmethod
+    def _ring(secret: SecretSettings, doc: Document | None) -> FernetRing | None:
+        if doc is None or isinstance(doc, FernetRing):
+            return doc
+        raise NotManaged(f"{secret.path}: holds a {doc.kind} document, not a fernet ring")
+
+    def _require_ring(self, secret: SecretSettings, doc: Document | None) -> FernetRing:
+        ring = self._ring(secret, doc)
+        if ring is None:
+            raise NotManaged(f"{secret.path}: the key ring disappeared from the backend")
+        return ring
+
+    @staticmethod
+    def _credentials(secret: SecretSettings, doc: Document | None) -> CredentialSet | None:
+        if doc is None or isinstance(doc, CredentialSet):
+            return doc
+        raise NotManaged(f"{secret.path}: holds a {doc.kind} document, not {secret.kind} credentials")
+
+    def _events(
+        self,
+        secret: SecretSettings,
+        rot: RotationRow,
+        event_type: str | None,
+        phase: str,
+        outcome: StepOutcome,
+        now: datetime,
+    ) -> list[tuple[str, Event]]:
+        if event_type is None:
+            return []
+        version = outcome.updates.get("backend_version", rot.backend_version)
+        event = Event(
+            type=event_type, secret=secret.name, rotation_id=rot.id, version=rot.version, phase=phase,
+            backend=secret.backend, path=secret.path, backend_version=version, occurred_at=now, detail=outcome.detail,
+        )  # fmt: skip
+        return [(consumer, event) for consumer in secret.consumers]
+
+    def _audit(self, event: str, rot: RotationRow, *, actor: str, **fields: object) -> None:
+        self.audit.append(event, actor=actor, secret=rot.secret, rotation_id=rot.id, version=rot.version, **fields)
+
+    def _crash(self, point: str) -> None:
+        if point in self._crash_points:
+            log.warning("test crash point reached", extra={"point": point})
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _changed(self, name: str) -> None:
+        if self.on_change is not None:
+            self.on_change(name)
