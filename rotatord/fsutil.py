@@ -42,8 +42,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) with mode 0700 if missing."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``path`` and each missing parent with mode 0700 (mkdir -p would use 0777 & umask)."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
 
 
 def check_private_file(path: Path) -> str | None:

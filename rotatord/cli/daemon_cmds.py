@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine.journal import Journal
 from ..fsutil import ensure_private_dir
 from .common import load_checked
 from .output import out
@@ -24,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
 def init(args: argparse.Namespace) -> int:
     """Create what the configuration needs and does not have yet; never overwrite anything."""
     from ..backends.file import init_master_key
+    from ..engine.journal import Journal  # here, not at the top: check-config needs no database
 
     path, settings = load_checked(args, require_existing=False)
     daemon = settings.daemon

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError, RotatordError
-from . import audit_cmds, daemon_cmds, rotation_cmds
 
 __all__ = ["build_parser", "main"]
 
@@ -19,15 +19,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(64)
 
 
+_CONFIG_HELP = "configuration file (default: $ROTATORD_CONFIG, then /etc/rotatord/config.toml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # -c/--config is accepted before and after the command.  The sub-commands' copy defaults to
+    # SUPPRESS: a sub-parser's default would otherwise overwrite a value given before the command.
     common = _Parser(add_help=False)
-    common.add_argument(
-        "-c",
-        "--config",
-        metavar="PATH",
-        help="configuration file (default: $ROTATORD_CONFIG, then /etc/rotatord/config.toml)",
-    )
+    common.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help=_CONFIG_HELP)
     parser = _Parser(prog="rotatord", description="Secrets and key-rotation daemon.")
+    parser.add_argument("-c", "--config", metavar="PATH", default=None, help=_CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     sub.add_parser("run", parents=[common], help="run the daemon (foreground; systemd Type=notify)")
@@ -63,22 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: command -> "module:function" in this package.  Only the chosen command's module is imported,
+#: so a usage error or ``check-config`` does not pay for the engine, SQLAlchemy and APScheduler.
 COMMANDS = {
-    "run": daemon_cmds.run,
-    "init": daemon_cmds.init,
-    "check-config": daemon_cmds.check_config,
-    "rotate": rotation_cmds.rotate,
-    "rollback": rotation_cmds.rollback,
-    "status": rotation_cmds.status,
-    "history": rotation_cmds.history,
-    "audit": audit_cmds.audit,
+    "run": "daemon_cmds:run",
+    "init": "daemon_cmds:init",
+    "check-config": "daemon_cmds:check_config",
+    "rotate": "rotation_cmds:rotate",
+    "rollback": "rotation_cmds:rollback",
+    "status": "rotation_cmds:status",
+    "history": "rotation_cmds:history",
+    "audit": "audit_cmds:audit",
 }
+
+
+def command(name: str) -> Callable[[argparse.Namespace], int]:
+    module_name, _, function = COMMANDS[name].partition(":")
+    module = importlib.import_module(f".{module_name}", __package__)
+    handler: Callable[[argparse.Namespace], int] = getattr(module, function)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return command(args.command)(args)
     except ConfigError as exc:
         for problem in exc.problems:
             sys.stderr.write(f"rotatord: config error: {problem}\n")

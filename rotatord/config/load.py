@@ -7,30 +7,39 @@ Everything is validated before anything runs; every problem is reported with its
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from ..errors import ConfigError
-from .model import BASE_DIR, Settings
+from .model import BASE_DIR, NAME_RE, PATH_RE, SOCKET_MODE_RE, TOKEN_PREFIX_RE, Settings, backend_kinds
 
-__all__ = ["DEFAULT_PATH", "config_path", "load_settings"]
+__all__ = ["DEFAULT_PATH", "ENV_PREFIX", "config_path", "cross_check", "load_settings"]
 
 DEFAULT_PATH = Path("/etc/rotatord/config.toml")
-_BACKEND_KINDS = {"file", "vault", "aws"}
+ENV_PREFIX = "ROTATORD_"
 _MESSAGES = {
     "Extra inputs are not permitted": "unknown key",
     "Field required": "missing required key",
+}
+# pydantic would quote the regular expression; an operator wants to read the rule instead.
+_PATTERN_HINTS = {
+    NAME_RE: "must be 1 to 63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
+    PATH_RE: "must be segments of letters, digits, '.', '_' or '-' separated by single '/' (no leading '/')",
+    SOCKET_MODE_RE: "must be an octal file mode such as '0660'",
+    TOKEN_PREFIX_RE: "must be 2 to 16 lowercase letters and digits, starting with a letter",
 }
 
 
 class _EnvAwareSettings(BaseSettings, Settings):
     """Settings with ``ROTATORD_SECTION__KEY`` environment overrides on top of the TOML data."""
 
-    model_config = SettingsConfigDict(env_prefix="ROTATORD_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
 
     @classmethod
     def settings_customise_sources(
@@ -53,7 +62,11 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path:
 
 
 def load_settings(path: Path) -> Settings:
-    """Parse, validate and cross-check the configuration file at ``path``."""
+    """Parse, validate and cross-check the configuration file at ``path``.
+
+    Raises :class:`ConfigError` listing every problem, each prefixed with its TOML path (and the
+    environment variable, when an override supplied the value).  Reads files; creates nothing.
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -71,6 +84,10 @@ def load_settings(path: Path) -> Settings:
         settings = _EnvAwareSettings(**data)
     except ValidationError as exc:
         raise ConfigError([_format_error(err, data) for err in exc.errors()]) from None
+    except SettingsError as exc:
+        # A whole section overridden from the environment must be JSON; pydantic-settings
+        # raises before validation, with the field name only in its message.
+        raise ConfigError(_env_decode_problem(str(exc))) from None
     finally:
         BASE_DIR.reset(token)
     problems = cross_check(settings)
@@ -79,7 +96,35 @@ def load_settings(path: Path) -> Settings:
     return settings
 
 
+def _env_decode_problem(message: str) -> str:
+    match = re.search(r'field "([^"]+)"', message)
+    if match is None:
+        return f"environment override ({ENV_PREFIX}*): {message}"
+    field = match.group(1)
+    return (
+        f"{field} (from ${ENV_PREFIX}{field.upper()}): not valid JSON "
+        "(a whole section overridden from the environment is a JSON object or array)"
+    )
+
+
+def _env_source(loc: tuple[int | str, ...]) -> str | None:
+    """The ``ROTATORD_`` variable that supplied the value at ``loc``, if one did."""
+    keys: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            break
+        keys.append(str(part))
+    present = {name.upper() for name in os.environ}
+    # The longest match wins: ROTATORD_DAEMON__LOG_LEVEL before a whole-section ROTATORD_DAEMON.
+    for n in range(len(keys), 0, -1):
+        name = ENV_PREFIX + "__".join(keys[:n]).upper()
+        if name in present:
+            return name
+    return None
+
+
 def _format_loc(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
+    kinds = set(backend_kinds())
     out = ""
     parts = list(loc)
     i = 0
@@ -90,7 +135,7 @@ def _format_loc(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
         else:
             out += ("." if out else "") + str(part)
         # A discriminated union puts its tag into the location; the TOML path has no such level.
-        if i >= 1 and parts[i - 1] == "backends" and i + 1 < len(parts) and parts[i + 1] in _BACKEND_KINDS:
+        if i == 1 and parts[0] == "backends" and i + 1 < len(parts) and parts[i + 1] in kinds:
             i += 1
         i += 1
     if len(loc) >= 2 and loc[0] == "secrets" and isinstance(loc[1], int):
@@ -103,54 +148,88 @@ def _format_loc(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
 
 
 def _format_error(err: Any, data: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
     msg = str(err["msg"])
     msg = _MESSAGES.get(msg, msg)
-    if msg.startswith("Value error, "):
+    if msg.startswith("Input should be a valid dictionary"):
+        msg = "expected a table"
+    elif msg in ("Input should be a valid tuple", "Input should be a valid list"):
+        msg = "expected an array"
+    elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    ctx = err.get("ctx") or {}
+    expected = ", ".join(backend_kinds())
     if err["type"] == "union_tag_invalid":
-        msg = "unknown kind (expected one of: file)"
-    return f"{_format_loc(tuple(err['loc']), data)}: {msg}"
+        loc += ("kind",)
+        msg = f"unknown kind {ctx.get('tag')!r} (expected one of: {expected})"
+    elif err["type"] == "union_tag_not_found":
+        loc += ("kind",)
+        msg = f"missing required key (expected one of: {expected})"
+    elif err["type"] == "string_pattern_mismatch" and ctx.get("pattern") in _PATTERN_HINTS:
+        msg = f"{_PATTERN_HINTS[ctx['pattern']]}, not {err['input']!r}"
+    where = _format_loc(loc, data)
+    source = _env_source(loc)
+    if source is not None:
+        where += f" (from ${source})"
+    return f"{where}: {msg}"
 
 
 def cross_check(settings: Settings) -> list[str]:
-    """Problems that span several fields: names, references between sections, kind rules."""
+    """Problems that span several fields: names, references between sections, kind rules.
+
+    Each problem starts with the TOML path of the key to change (the same form as
+    :func:`load_settings` uses); an empty list means the settings are consistent.
+    """
     problems: list[str] = []
+    for bname, backend in settings.backends.items():
+        if backend.master_key_file is not None and backend.master_key_credential is not None:
+            problems.append(
+                f"backends.{bname}.master_key_credential: set only one of master_key_file and master_key_credential"
+            )
+        elif backend.master_key_file is None and backend.master_key_credential is None:
+            problems.append(
+                f"backends.{bname}.master_key_file: missing: set master_key_file (a path) "
+                "or master_key_credential (a name under $CREDENTIALS_DIRECTORY)"
+            )
     seen_names: dict[str, int] = {}
     seen_paths: dict[tuple[str, str], str] = {}
-    for i, backend in settings.backends.items():
-        if (backend.master_key_file is None) == (backend.master_key_credential is None):
-            problems.append(f"backends.{i}: set exactly one of master_key_file, master_key_credential")
     for idx, s in enumerate(settings.secrets):
-        where = f"secrets[{idx}] (secret {s.name!r})"
+
+        def at(field: str, idx: int = idx, name: str = s.name) -> str:
+            return f"secrets[{idx}].{field} (secret {name!r})"
+
         if s.name in seen_names:
-            problems.append(
-                f"secrets[{idx}].name: duplicate secret name {s.name!r} (also secrets[{seen_names[s.name]}])"
-            )
+            problems.append(f"{at('name')}: duplicate secret name (also secrets[{seen_names[s.name]}])")
         seen_names.setdefault(s.name, idx)
         if s.backend not in settings.backends:
             known = ", ".join(sorted(settings.backends)) or "none defined"
-            problems.append(f"secrets[{idx}].backend: unknown backend {s.backend!r} (known: {known})")
+            problems.append(f"{at('backend')}: unknown backend {s.backend!r} (defined: {known})")
         else:
             key = (s.backend, s.path)
             if key in seen_paths:
-                problems.append(f"secrets[{idx}].path: {s.path!r} is already used by secret {seen_paths[key]!r}")
+                problems.append(
+                    f"{at('path')}: {s.path!r} on backend {s.backend!r} is already used by secret {seen_paths[key]!r}"
+                )
             seen_paths.setdefault(key, s.name)
-        if (s.every is None) == (s.cron is None):
-            problems.append(f"{where}: set exactly one of 'every' and 'cron'")
+        if s.every is not None and s.cron is not None:
+            problems.append(f"{at('cron')}: 'every' is set too; set only one of 'every' and 'cron'")
+        elif s.every is None and s.cron is None:
+            problems.append(f"{at('every')}: missing: set 'every' (a period such as '30d') or 'cron' (a crontab)")
         if s.kind != "api_token":
             for field_name in ("token_prefix", "token_ttl"):
                 if getattr(s, field_name) is not None:
-                    problems.append(f"secrets[{idx}].{field_name}: only applies to kind 'api_token'")
+                    problems.append(f"{at(field_name)}: only applies to kind 'api_token', not {s.kind!r}")
         if s.kind != "fernet" and s.keep:
-            problems.append(f"secrets[{idx}].keep: only applies to kind 'fernet'")
+            problems.append(f"{at('keep')}: only applies to kind 'fernet', not {s.kind!r}")
         for c in s.consumers:
             if c not in settings.consumers:
-                problems.append(f"secrets[{idx}].consumers: consumer {c!r} is not defined under [consumers]")
+                problems.append(f"{at('consumers')}: consumer {c!r} is not defined under [consumers]")
     kinds = {s.name: s.kind for s in settings.secrets}
     for cname, consumer in settings.consumers.items():
         ref = consumer.signing_secret
         if ref is not None and kinds.get(ref) != "webhook_secret":
+            what = "not a managed secret" if ref not in kinds else f"of kind {kinds[ref]!r}"
             problems.append(
-                f"consumers.{cname}.signing_secret: {ref!r} is not a managed secret of kind 'webhook_secret'"
+                f"consumers.{cname}.signing_secret: {ref!r} is {what}; it must name a secret of kind 'webhook_secret'"
             )
     return problems

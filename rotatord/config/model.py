@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from types import MappingProxyType, UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    WrapSerializer,
+    field_validator,
+)
 
 from ..timeutil import parse_duration
 
 __all__ = [
     "BASE_DIR",
+    "NAME_RE",
+    "PATH_RE",
+    "SOCKET_MODE_RE",
+    "TOKEN_PREFIX_RE",
     "BackendSettings",
+    "backend_kinds",
     "ConsumerSettings",
     "DaemonSettings",
     "FileBackendSettings",
@@ -24,6 +40,10 @@ __all__ = [
 #: Directory that relative paths in the configuration are resolved against (the file's own).
 BASE_DIR: ContextVar[Path | None] = ContextVar("rotatord_config_base_dir", default=None)
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+PATH_RE = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
+SOCKET_MODE_RE = r"^0?[0-7]{3}$"
+TOKEN_PREFIX_RE = r"^[a-z][a-z0-9]{1,15}$"  # noqa: S105 - a pattern, not a password
+_V = TypeVar("_V")
 
 
 def _resolve(path: Path) -> Path:
@@ -42,6 +62,14 @@ def _non_negative(value: timedelta) -> timedelta:
     return value
 
 
+def _dump_mapping(value: Mapping[str, Any], handler: SerializerFunctionWrapHandler) -> Any:
+    return handler(dict(value))
+
+
+def _empty_mapping() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
 RelPath = Annotated[Path, AfterValidator(_resolve)]
 Duration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_non_negative)]
 Name = Annotated[str, Field(pattern=NAME_RE)]
@@ -57,7 +85,7 @@ class DaemonSettings(_Frozen):
     state_url: str | None = None
     control_socket: RelPath | None = None
     socket_group: str | None = None
-    socket_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
+    socket_mode: Annotated[str, Field(pattern=SOCKET_MODE_RE)] = "0660"
     audit_log: RelPath | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     startup_jitter: Duration = timedelta(seconds=30)
@@ -93,6 +121,13 @@ class FileBackendSettings(_Frozen):
 BackendSettings = Annotated[FileBackendSettings, Field(discriminator="kind")]
 
 
+def backend_kinds() -> tuple[str, ...]:
+    """The ``kind`` values the configuration accepts, read from :data:`BackendSettings` itself."""
+    union = get_args(BackendSettings)[0]
+    members = get_args(union) if get_origin(union) in (Union, UnionType) else (union,)
+    return tuple(kind for member in members for kind in get_args(member.model_fields["kind"].annotation))
+
+
 class ConsumerSettings(_Frozen):
     url: Annotated[str, Field(pattern=r"^https?://")]
     signing_secret: Name | None = None
@@ -104,14 +139,14 @@ class SecretSettings(_Frozen):
     name: Name
     kind: Literal["fernet", "api_token", "webhook_secret"]
     backend: Name
-    path: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$", max_length=512)]
+    path: Annotated[str, Field(pattern=PATH_RE, max_length=512)]
     every: Duration | None = None
     cron: str | None = None
     grace: Duration = timedelta(days=7)
     propagation: Duration = timedelta(minutes=10)
     keep: Annotated[int, Field(ge=0, le=16)] = 0
     consumers: tuple[Name, ...] = ()
-    token_prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{1,15}$")] | None = None
+    token_prefix: Annotated[str, Field(pattern=TOKEN_PREFIX_RE)] | None = None
     token_ttl: Duration | None = None
 
     @field_validator("path")
@@ -138,10 +173,15 @@ class SecretSettings(_Frozen):
         return value
 
 
+# Frozen models alone would still hand out mutable dicts; a read-only view keeps the sections
+# as immutable as the models inside them (assignment raises TypeError).
+FrozenMapping = Annotated[Mapping[Name, _V], AfterValidator(MappingProxyType), WrapSerializer(_dump_mapping)]
+
+
 class Settings(_Frozen):
     daemon: DaemonSettings = DaemonSettings()
-    backends: dict[Name, BackendSettings] = {}
-    consumers: dict[Name, ConsumerSettings] = {}
+    backends: FrozenMapping[BackendSettings] = Field(default_factory=_empty_mapping)
+    consumers: FrozenMapping[ConsumerSettings] = Field(default_factory=_empty_mapping)
     secrets: tuple[SecretSettings, ...] = ()
 
     def secret(self, name: str) -> SecretSettings | None:

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..fsutil import check_private_file
 from .model import Settings
 
-__all__ = ["check_references", "credential_path", "read_credential"]
+__all__ = ["check_references", "credential_path", "private_file_problem", "read_credential"]
 
 
 def credential_path(name: str) -> Path:
@@ -21,10 +21,29 @@ def credential_path(name: str) -> Path:
     return Path(directory) / name
 
 
+def _in_credentials_dir(path: Path) -> bool:
+    """systemd restricts $CREDENTIALS_DIRECTORY to the unit's user itself; on tmpfs it grants that
+    user read access by an ACL, so the mode shows group bits that mean nothing here."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return False
+    try:
+        return path.resolve().is_relative_to(Path(directory).resolve())
+    except OSError:
+        return False
+
+
+def private_file_problem(path: Path) -> str | None:
+    """Like fsutil.check_private_file, trusting systemd's credentials directory."""
+    if _in_credentials_dir(path):
+        return None if path.is_file() else f"{path} does not exist"
+    return check_private_file(path)
+
+
 def read_credential(file: Path | None, credential: str | None, what: str) -> bytes:
     """Read a secret by reference; refuse files other users can read.  Errors name ``what``."""
     path = file if file is not None else credential_path(credential or "")
-    problem = check_private_file(path)
+    problem = private_file_problem(path)
     if problem:
         raise ConfigError(f"{what}: {problem}")
     try:
@@ -44,6 +63,8 @@ def check_references(settings: Settings, config_file: Path, *, require_existing:
         mode = config_file.stat().st_mode
     except OSError:
         mode = 0
+    if _in_credentials_dir(config_file):
+        mode = 0
     if mode & 0o022:
         problems.append(f"{config_file}: writable by group or others (mode {mode & 0o777:04o}); chmod 600 it")
     elif holds_refs and mode & 0o044:
@@ -55,14 +76,14 @@ def check_references(settings: Settings, config_file: Path, *, require_existing:
         where = f"backends.{name}"
         if backend.master_key_file is not None:
             if backend.master_key_file.exists() or require_existing:
-                p = check_private_file(backend.master_key_file)
+                p = private_file_problem(backend.master_key_file)
                 if p:
                     problems.append(
                         f"{where}.master_key_file: {p}" + (" (run 'rotatord init')" if "does not exist" in p else "")
                     )
         elif backend.master_key_credential is not None:
             try:
-                p = check_private_file(credential_path(backend.master_key_credential))
+                p = private_file_problem(credential_path(backend.master_key_credential))
             except ConfigError as exc:
                 p = str(exc)
             if p:

@@ -46,6 +46,7 @@ class Daemon:
         self._locks: dict[str, threading.RLock] = {}
         self._runtime: Runtime | None = None
         self._stopping = False
+        self._last_status = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
 
@@ -154,8 +155,12 @@ class Daemon:
             self._loop.call_soon_threadsafe(self._publish_status)
 
     def _publish_status(self) -> None:
-        if not self._stopping:
-            self.notifier.status(self._status_line())
+        if self._stopping:
+            return
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
 
     def _status_line(self) -> str:
         engine = self.runtime.engine

@@ -100,7 +100,9 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.sendto(data, self._address)
+                # Never block: a receiver that stops reading must not wedge the daemon's event loop
+                # (a full datagram queue then drops this message instead of stalling every request).
+                self._sock.sendto(data, socket.MSG_DONTWAIT, self._address)
             except OSError as exc:
                 # Drop the socket so that the next call starts afresh (e.g. after EMFILE).
                 self._close_locked()

@@ -37,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError, StatementError
 from sqlalchemy.types import TypeDecorator
 
 from ..errors import RotationInProgress, StateError
@@ -218,6 +218,12 @@ class Journal:
         except IntegrityError:
             raise
         except OperationalError as exc:
+            raise StateError(f"state database error: {_describe(exc)}") from None
+        except StatementError as exc:
+            # A value the column type refused (a naive datetime) is the caller's mistake: say so
+            # with the ValueError/TypeError itself instead of leaking SQLAlchemy's wrapper.
+            if isinstance(exc.orig, ValueError | TypeError):
+                raise exc.orig from None
             raise StateError(f"state database error: {_describe(exc)}") from None
 
     # -- rotations -------------------------------------------------------------------------

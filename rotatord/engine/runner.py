@@ -151,6 +151,12 @@ class Engine:
                 raise RollbackImpossible(
                     f"rotation {rot.version} of {name!r} created the secret; there is no previous key"
                 )
+            # Find out whether there is anything to put back BEFORE recording the intent: every
+            # later tick finishes a recorded rollback, so an impossible one must never be recorded.
+            current = self.backends[secret.backend].read(secret.path)
+            if current is not None:
+                self._check_owner(secret, current.document)
+            self._rolled_back(secret, rot, current.document if current else None, now)
             step = self.journal.begin_step(rot.id, "rollback", now)
             return self._finish_rollback(secret, rot, step.request_id, trigger, reason, now)
 
@@ -184,12 +190,18 @@ class Engine:
     def _advance(self, rot: RotationRow, now: datetime) -> datetime:
         secret = self.setting(rot.secret)
         while rot.status == ACTIVE:
-            pending_rollback = self.journal.step(rot.id, "rollback")
-            if pending_rollback is not None:  # an interrupted rollback is finished, not undone
-                rot = self._finish_rollback(secret, rot, pending_rollback.request_id, "resume", None, now)
-                break
             if rot.next_attempt_at is not None and rot.next_attempt_at > now:
                 return rot.next_attempt_at
+            pending_rollback = self.journal.step(rot.id, "rollback")
+            if pending_rollback is not None:  # an interrupted rollback is finished, not undone
+                try:
+                    rot = self._finish_rollback(secret, rot, pending_rollback.request_id, "resume", None, now)
+                except RotatordError as exc:
+                    return self._failed(rot, "rollback", exc, now)
+                except Exception as exc:  # as for steps: logged and retried, never raised to the scheduler
+                    log.exception("internal error in rollback", extra={"secret": rot.secret})
+                    return self._failed(rot, "rollback", exc, now)
+                break
             step = next_step(rot.kind, rot.phase)
             if step is None:  # every step done but not closed: close it
                 rot = self.journal.update(rot.id, now, status="done", finished_at=now)
@@ -306,7 +318,10 @@ class Engine:
     def _step_retire(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
         current = self.backends[secret.backend].read(secret.path)
         ring = self._require_ring(secret, current.document if current else None)
-        candidates = {k.id for k in t.retire_candidates(ring, now, secret.keep)}
+        # The journal's deadline for the previous key wins when it is earlier than the ring's:
+        # an emergency declared after the promotion shortens the grace the promotion wrote.
+        deadlines = {rot.previous_key: rot.retire_after} if rot.previous_key and rot.retire_after else {}
+        candidates = {k.id for k in t.retire_candidates(ring, now, secret.keep, deadlines)}
         if candidates:
             identify = KeyIdentifier(ring).identify
             for store in self.stores.get(secret.name, ()):
@@ -361,23 +376,46 @@ class Engine:
         return StepOutcome({"backend_version": version, "revoked": revoked}, {"backend_version": version},
                            {"revoked": revoked})  # fmt: skip
 
+    def _rolled_back(
+        self, secret: SecretSettings, rot: RotationRow, doc: Document | None, now: datetime
+    ) -> Document | None:
+        """``doc`` with rotation ``rot`` undone, or None when there is nothing (left) to undo.
+
+        Pure, so :meth:`rollback` can ask it before recording the intent.  Raises
+        RollbackImpossible when no previous primary is left to put back, NotManaged when the
+        document vanished after the rotation wrote it.
+        """
+        retire_after = now + secret.grace
+        kid = key_id_for(rot.version)
+        if doc is None:
+            if rot.phase == FIRST_PHASE:
+                raise RollbackImpossible(f"{secret.name!r} was never created; there is nothing to roll back")
+            raise NotManaged(f"{secret.path}: the secret disappeared from the backend")
+        if secret.kind == "fernet":
+            ring = self._require_ring(secret, doc)
+            if rot.phase in (FIRST_PHASE, "staged"):  # never primary: nothing was encrypted under it
+                if ring.primary == kid:
+                    raise RollbackImpossible(
+                        f"rotation {rot.version} of {secret.name!r} created the secret; there is no previous key"
+                    )
+                return t.retire_ring(ring, {kid}, now)
+            assert rot.previous_key is not None
+            return t.rollback_ring(ring, rot.previous_key, now, retire_after)
+        cs = self._credentials(secret, doc)
+        assert cs is not None
+        if rot.phase == FIRST_PHASE and cs.current.id != kid:
+            return None  # the new credential was never issued: the old one is still current
+        # previous_key is recorded when the issue completes; a half-done issue left it in the document.
+        restore = rot.previous_key or (cs.previous.id if cs.previous else None)
+        if restore is None:
+            raise RollbackImpossible(f"{secret.name!r} has no previous credential")
+        return t.rollback_credentials(cs, restore, now, retire_after)
+
     def _finish_rollback(
         self, secret: SecretSettings, rot: RotationRow, request_id: str, trigger: str, reason: str | None, now: datetime
     ) -> RotationRow:
-        retire_after = now + secret.grace
-
         def mutate(doc: Document | None) -> Document | None:
-            if secret.kind == "fernet":
-                ring = self._require_ring(secret, doc)
-                kid = key_id_for(rot.version)
-                if rot.phase in (FIRST_PHASE, "staged"):  # never primary: nothing was encrypted under it
-                    return t.retire_ring(ring, {kid}, now) if ring.primary != kid else None
-                assert rot.previous_key is not None
-                return t.rollback_ring(ring, rot.previous_key, now, retire_after)
-            cs = self._credentials(secret, doc)
-            if cs is None or rot.previous_key is None:
-                raise RollbackImpossible(f"{secret.name!r} has no previous credential")
-            return t.rollback_credentials(cs, rot.previous_key, now, retire_after)
+            return self._rolled_back(secret, rot, doc, now)
 
         version, _doc = self._cas(secret, mutate, request_id)
         self._audit("rotation.rolled_back", rot, actor=trigger, reason=reason, backend_version=version)

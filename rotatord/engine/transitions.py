@@ -7,7 +7,7 @@ Key ids derive from the rotation version (``v7``), so a resumed step recognises 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -71,11 +71,23 @@ def promote_ring(ring: FernetRing, version: int, now: datetime, retire_after: da
     return replace(ring, primary=kid, keys=keys, updated_at=now)
 
 
-def retire_candidates(ring: FernetRing, now: datetime, keep: int) -> list[FernetKey]:
-    """Decrypt-only keys whose grace has passed, minus the newest ``keep`` kept as a rollback reserve."""
+def retire_candidates(
+    ring: FernetRing, now: datetime, keep: int, deadlines: Mapping[str, datetime] | None = None
+) -> list[FernetKey]:
+    """Decrypt-only keys whose grace has passed, minus the newest ``keep`` kept as a rollback reserve.
+
+    ``deadlines`` may bring a key's ``retire_after`` forward (an emergency declared after the
+    promotion wrote it into the ring); it never postpones one.
+    """
+    overrides = deadlines or {}
+
+    def deadline(key: FernetKey) -> datetime | None:
+        dates = [d for d in (key.retire_after, overrides.get(key.id)) if d is not None]
+        return min(dates) if dates else None
+
     decrypt_only = sorted((k for k in ring.keys if k.id != ring.primary), key=lambda k: k.created_at, reverse=True)
     reserve = {k.id for k in decrypt_only[:keep]}
-    return [k for k in decrypt_only if k.id not in reserve and k.retire_after is not None and k.retire_after <= now]
+    return [k for k in decrypt_only if k.id not in reserve and (d := deadline(k)) is not None and d <= now]
 
 
 def retire_ring(ring: FernetRing, remove: set[str], now: datetime) -> FernetRing | None:
