@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -23,36 +22,57 @@ __all__ = ["JobScheduler", "next_cron_time", "validate_cron"]
 
 
 _DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DOW_NUMBERS = {name: i for i, name in enumerate(_DOW_NAMES[:7])}
+
+
+def _dow_number(text: str) -> int:
+    value = _DOW_NUMBERS.get(text.lower()) if text.isalpha() else int(text) if text.isdigit() else None
+    if value is None or not 0 <= value <= 7:
+        raise ValueError(f"day-of-week {text!r} is out of range (0-7 or a day name)")
+    return value
 
 
 def _dow_field(field: str) -> str:
     """Crontab counts weekdays from Sunday = 0 (7 too); APScheduler 3 from Monday = 0.
 
-    Numeric parts are spelled out as names, which both understand the same way.
+    Every part (numbers, names, ranges, steps, ``*/n``) is expanded to a list of day names,
+    which both understand the same way.
     """
-    out = []
+    if field == "*":
+        return "*"
+    out: list[str] = []
     for part in field.split(","):
         body, _, step_text = part.partition("/")
-        if not re.fullmatch(r"\d+(-\d+)?", body):
-            out.append(part)
-            continue
-        lo_text, _, hi_text = body.partition("-")
-        lo = int(lo_text)
-        hi = int(hi_text) if hi_text else (7 if step_text else lo)
-        step = int(step_text) if step_text else 1
-        if not (0 <= lo <= 7 and 0 <= hi <= 7 and lo <= hi and step >= 1):
-            raise ValueError(f"day-of-week {part!r} is out of range 0-7")
+        if body == "*":
+            lo, hi = 0, 6
+        else:
+            lo_text, dash, hi_text = body.partition("-")
+            lo = _dow_number(lo_text)
+            hi = _dow_number(hi_text) if dash else (7 if step_text else lo)
+        if hi == 0 and lo > 0:  # "sat-sun" style ranges end on Sunday = 7
+            hi = 7
+        step = int(step_text) if step_text.isdigit() else 0 if step_text else 1
+        if lo > hi or step < 1:
+            raise ValueError(f"day-of-week {part!r} is not a valid range or step")
         out.extend(_DOW_NAMES[n] for n in range(lo, hi + 1, step))
     return ",".join(dict.fromkeys(out))
 
 
-def _cron(expr: str) -> CronTrigger:
+def _cron(expr: str) -> list[CronTrigger]:
+    """The triggers whose earliest firing is the crontab's: one, or two when crontab's rule applies
+    that a restricted day-of-month and a restricted day-of-week match EITHER (APScheduler ANDs them)."""
     fields = expr.split()
     if len(fields) != 5:
         raise ValueError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day month weekday)")
     minute, hour, day, month, dow = fields
     try:
-        return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_dow_field(dow), timezone=UTC)
+        dow_names = _dow_field(dow)
+        if day != "*" and dow != "*":
+            return [
+                CronTrigger(minute=minute, hour=hour, day=day, month=month, timezone=UTC),
+                CronTrigger(minute=minute, hour=hour, month=month, day_of_week=dow_names, timezone=UTC),
+            ]
+        return [CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=dow_names, timezone=UTC)]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"invalid cron expression {expr!r}: {exc}") from None
 
@@ -65,10 +85,10 @@ def validate_cron(expr: str) -> None:
 def next_cron_time(expr: str, after: datetime) -> datetime:
     """The first time strictly after ``after`` that matches ``expr`` (UTC, crontab semantics)."""
     start = after.astimezone(UTC).replace(microsecond=0) + timedelta(seconds=1)
-    nxt = _cron(expr).get_next_fire_time(None, start)
-    if nxt is None:
+    times = [t for trigger in _cron(expr) if (t := trigger.get_next_fire_time(None, start)) is not None]
+    if not times:
         raise ValueError(f"cron expression {expr!r} never fires again")
-    result: datetime = nxt.astimezone(UTC)
+    result: datetime = min(times).astimezone(UTC)
     return result
 
 

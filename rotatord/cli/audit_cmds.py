@@ -7,6 +7,7 @@ import sys
 
 from ..audit import verify_file
 from ..engine.journal import Journal
+from ..errors import StateError
 from .common import load
 from .output import emit_json, out
 
@@ -15,6 +16,8 @@ __all__ = ["audit"]
 
 def audit(args: argparse.Namespace) -> int:
     _path, settings = load(args)
+    if not settings.daemon.state_dir.exists():
+        raise StateError(f"no state at {settings.daemon.state_dir}: nothing to verify yet")
     journal = Journal(settings.daemon.database_url)
     journal.create()
     report = verify_file(settings.daemon.audit_path, journal)

@@ -14,7 +14,7 @@ from ..config import Settings
 from ..daemon.lock import StateLock
 from ..daemon.runtime import build_runtime
 from ..engine.report import history_report, secret_status
-from ..errors import DaemonNotRunning, UnknownSecret
+from ..errors import DaemonNotRunning, StateError, UnknownSecret
 from ..timeutil import utcnow
 from .client import call_daemon
 from .common import load, load_checked
@@ -147,6 +147,8 @@ def history(args: argparse.Namespace) -> int:
 
 
 def _offline(settings: Settings, fn: Any, name: str | None) -> list[Any]:
+    if not settings.daemon.state_dir.exists():
+        raise StateError(f"no state at {settings.daemon.state_dir}: run 'rotatord init', then 'rotatord run'")
     runtime = build_runtime(settings)
     try:
         names = [name] if name else [s.name for s in settings.secrets]

@@ -9,6 +9,7 @@ process killed anywhere resumes the step with the same request id and never repe
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -201,7 +202,13 @@ class Journal:
             event.listen(self._engine, "connect", _sqlite_pragmas)
 
     def create(self) -> None:
-        """Create missing tables (idempotent)."""
+        """Create missing tables (idempotent).  A new SQLite file is created 0600 (its WAL too)."""
+        database = self._engine.url.database
+        if self._engine.dialect.name == "sqlite" and database and database != ":memory:":
+            try:
+                os.close(os.open(database, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+            except OSError as exc:
+                raise StateError(f"cannot create the state database {database}: {exc.strerror}") from None
         try:
             metadata.create_all(self._engine)
         except SQLAlchemyError as exc:

@@ -321,7 +321,9 @@ class Engine:
         # The journal's deadline for the previous key wins when it is earlier than the ring's:
         # an emergency declared after the promotion shortens the grace the promotion wrote.
         deadlines = {rot.previous_key: rot.retire_after} if rot.previous_key and rot.retire_after else {}
-        candidates = {k.id for k in t.retire_candidates(ring, now, secret.keep, deadlines)}
+        # After an emergency the old key is presumed compromised: it is never kept as a rollback reserve.
+        keep = 0 if rot.emergency else secret.keep
+        candidates = {k.id for k in t.retire_candidates(ring, now, keep, deadlines)}
         if candidates:
             identify = KeyIdentifier(ring).identify
             for store in self.stores.get(secret.name, ()):
@@ -507,5 +509,9 @@ class Engine:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _changed(self, name: str) -> None:
-        if self.on_change is not None:
+        if self.on_change is None:
+            return
+        try:
             self.on_change(name)
+        except Exception:  # an observer's failure must never look like a failed step
+            log.exception("change observer failed", extra={"secret": name})

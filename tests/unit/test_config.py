@@ -561,21 +561,11 @@ def test_cron_weekday_range_skips_the_weekend() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rotatord/schedule.py passes a step over '*' ('*/2') to APScheduler unchanged, which counts "
-    "from Monday: crontab means Sun, Tue, Thu, Sat; reported to the lead",
-)
 def test_cron_weekday_step_over_star_counts_from_sunday() -> None:
     # crontab: */2 = 0,2,4,6 = Sunday, Tuesday, Thursday, Saturday; from Sunday noon -> Tuesday.
     assert next_cron_time("0 3 * * */2", SUNDAY) == datetime(2025, 1, 7, 3, 0, tzinfo=UTC)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rotatord/schedule.py: APScheduler ANDs day-of-month and day-of-week; crontab ORs them when "
-    "both are restricted; reported to the lead",
-)
 def test_cron_day_of_month_or_weekday() -> None:
     # crontab: '0 3 1 * 1' fires on the 1st of each month AND on every Monday.
     assert next_cron_time("0 3 1 * 1", SUNDAY) == datetime(2025, 1, 6, 3, 0, tzinfo=UTC)
