@@ -19,6 +19,8 @@ __all__ = ["BACKENDS", "backend_class", "open_backend"]
 #: ``kind`` -> ``"module:Class"``.  A class is constructed as ``cls(name, settings)``.
 BACKENDS: Final[Mapping[str, str]] = {
     "file": "rotatord.backends.file:FileBackend",
+    "vault": "rotatord.backends.vault:VaultBackend",
+    "aws": "rotatord.backends.aws:AwsBackend",
 }
 
 

@@ -182,15 +182,16 @@ def cross_check(settings: Settings) -> list[str]:
     """
     problems: list[str] = []
     for bname, backend in settings.backends.items():
-        if backend.master_key_file is not None and backend.master_key_credential is not None:
-            problems.append(
-                f"backends.{bname}.master_key_credential: set only one of master_key_file and master_key_credential"
-            )
-        elif backend.master_key_file is None and backend.master_key_credential is None:
-            problems.append(
-                f"backends.{bname}.master_key_file: missing: set master_key_file (a path) "
-                "or master_key_credential (a name under $CREDENTIALS_DIRECTORY)"
-            )
+        for ref in backend.credential_refs():
+            if ref.file is not None and ref.credential is not None:
+                problems.append(
+                    f"backends.{bname}.{ref.name}_credential: set only one of {ref.name}_file and {ref.name}_credential"
+                )
+            elif ref.required and not ref.is_set:
+                problems.append(
+                    f"backends.{bname}.{ref.name}_file: missing: set {ref.name}_file (a path) "
+                    f"or {ref.name}_credential (a name under $CREDENTIALS_DIRECTORY)"
+                )
     seen_names: dict[str, int] = {}
     seen_paths: dict[tuple[str, str], str] = {}
     for idx, s in enumerate(settings.secrets):
@@ -226,10 +227,11 @@ def cross_check(settings: Settings) -> list[str]:
                 problems.append(f"{at('consumers')}: consumer {c!r} is not defined under [consumers]")
     kinds = {s.name: s.kind for s in settings.secrets}
     for cname, consumer in settings.consumers.items():
-        ref = consumer.signing_secret
-        if ref is not None and kinds.get(ref) != "webhook_secret":
-            what = "not a managed secret" if ref not in kinds else f"of kind {kinds[ref]!r}"
+        signing = consumer.signing_secret
+        if signing is not None and kinds.get(signing) != "webhook_secret":
+            what = "not a managed secret" if signing not in kinds else f"of kind {kinds[signing]!r}"
             problems.append(
-                f"consumers.{cname}.signing_secret: {ref!r} is {what}; it must name a secret of kind 'webhook_secret'"
+                f"consumers.{cname}.signing_secret: {signing!r} is {what}; "
+                "it must name a secret of kind 'webhook_secret'"
             )
     return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType, UnionType
@@ -32,7 +33,10 @@ __all__ = [
     "backend_kinds",
     "ConsumerSettings",
     "DaemonSettings",
+    "AwsBackendSettings",
+    "CredentialRef",
     "FileBackendSettings",
+    "VaultBackendSettings",
     "SecretSettings",
     "Settings",
 ]
@@ -109,6 +113,20 @@ class DaemonSettings(_Frozen):
         return int(self.socket_mode, 8)
 
 
+@dataclass(frozen=True)
+class CredentialRef:
+    """A secret-bearing value held by reference: ``<name>_file`` or ``<name>_credential``."""
+
+    name: str
+    file: Path | None
+    credential: str | None
+    required: bool
+
+    @property
+    def is_set(self) -> bool:
+        return self.file is not None or self.credential is not None
+
+
 class FileBackendSettings(_Frozen):
     kind: Literal["file"]
     directory: RelPath
@@ -116,9 +134,73 @@ class FileBackendSettings(_Frozen):
     master_key_credential: CredentialName | None = None
     max_versions: Annotated[int, Field(ge=2, le=1000)] = 20
 
+    def credential_refs(self) -> tuple[CredentialRef, ...]:
+        return (CredentialRef("master_key", self.master_key_file, self.master_key_credential, True),)
 
-# One entry per backend kind; later kinds join this union.
-BackendSettings = Annotated[FileBackendSettings, Field(discriminator="kind")]
+
+URL_RE = r"^https?://[^/@\s]+(/[^@\s]*)?$"
+KV_MOUNT_RE = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
+PREFIX_RE = r"^([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?$"
+
+
+class VaultBackendSettings(_Frozen):
+    """HashiCorp Vault or OpenBao, KV version 2, through hvac."""
+
+    kind: Literal["vault"]
+    address: Annotated[str, Field(pattern=URL_RE)]
+    mount: Annotated[str, Field(pattern=KV_MOUNT_RE)] = "secret"
+    path_prefix: Annotated[str, Field(pattern=PREFIX_RE)] = ""
+    namespace: str | None = None
+    ca_bundle: RelPath | None = None
+    tls_verify: bool = True
+    timeout: Duration = timedelta(seconds=10)
+    auth: Literal["token", "approle"] = "token"
+    auth_mount: Annotated[str, Field(pattern=KV_MOUNT_RE)] = "approle"
+    token_file: RelPath | None = None
+    token_credential: CredentialName | None = None
+    role_id_file: RelPath | None = None
+    role_id_credential: CredentialName | None = None
+    secret_id_file: RelPath | None = None
+    secret_id_credential: CredentialName | None = None
+    #: KV versions kept per path (rotatord sets it with cas_required on the paths it owns).
+    max_versions: Annotated[int, Field(ge=3, le=1000)] = 20
+    #: Attempts inside one step for transient failures (sealed, 5xx, connection refused, timeouts).
+    transient_retries: Annotated[int, Field(ge=0, le=10)] = 3
+
+    def credential_refs(self) -> tuple[CredentialRef, ...]:
+        if self.auth == "token":
+            return (CredentialRef("token", self.token_file, self.token_credential, True),)
+        return (
+            CredentialRef("role_id", self.role_id_file, self.role_id_credential, True),
+            CredentialRef("secret_id", self.secret_id_file, self.secret_id_credential, True),
+        )
+
+
+class AwsBackendSettings(_Frozen):
+    """AWS Secrets Manager through boto3; rotatord drives the staging labels itself."""
+
+    kind: Literal["aws"]
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
+    endpoint_url: Annotated[str, Field(pattern=URL_RE)] | None = None
+    profile: str | None = None
+    #: A shared-credentials file (the AWS CLI format); else boto3's default chain (env, role).
+    credentials_file: RelPath | None = None
+    credentials_credential: CredentialName | None = None
+    kms_key_id: str | None = None
+    path_prefix: Annotated[str, Field(pattern=PREFIX_RE)] = ""
+    #: Take over an existing secret that lacks rotatord's management tag (refused by default).
+    adopt_unmanaged: bool = False
+    timeout: Duration = timedelta(seconds=10)
+    transient_retries: Annotated[int, Field(ge=0, le=10)] = 3
+
+    def credential_refs(self) -> tuple[CredentialRef, ...]:
+        return (CredentialRef("credentials", self.credentials_file, self.credentials_credential, False),)
+
+
+# One entry per backend kind.
+BackendSettings = Annotated[
+    FileBackendSettings | VaultBackendSettings | AwsBackendSettings, Field(discriminator="kind")
+]
 
 
 def backend_kinds() -> tuple[str, ...]:

@@ -58,7 +58,7 @@ def check_references(settings: Settings, config_file: Path, *, require_existing:
     ``require_existing=False`` skips files that ``rotatord init`` will create.
     """
     problems: list[str] = []
-    holds_refs = any(b.master_key_file or b.master_key_credential for b in settings.backends.values())
+    holds_refs = any(ref.is_set for b in settings.backends.values() for ref in b.credential_refs())
     try:
         mode = config_file.stat().st_mode
     except OSError:
@@ -73,19 +73,24 @@ def check_references(settings: Settings, config_file: Path, *, require_existing:
             "while it references credentials; chmod 600 it"
         )
     for name, backend in settings.backends.items():
-        where = f"backends.{name}"
-        if backend.master_key_file is not None:
-            if backend.master_key_file.exists() or require_existing:
-                p = private_file_problem(backend.master_key_file)
+        for ref in backend.credential_refs():
+            where = f"backends.{name}.{ref.name}"
+            if ref.file is not None:
+                # rotatord init creates a missing master key; other credentials come from the operator.
+                creatable = backend.kind == "file" and ref.name == "master_key"
+                if ref.file.exists() or require_existing or not creatable:
+                    p = private_file_problem(ref.file)
+                    if p:
+                        hint = " (run 'rotatord init')" if creatable and "does not exist" in p else ""
+                        problems.append(f"{where}_file: {p}{hint}")
+            elif ref.credential is not None:
+                try:
+                    p = private_file_problem(credential_path(ref.credential))
+                except ConfigError as exc:
+                    p = str(exc)
                 if p:
-                    problems.append(
-                        f"{where}.master_key_file: {p}" + (" (run 'rotatord init')" if "does not exist" in p else "")
-                    )
-        elif backend.master_key_credential is not None:
-            try:
-                p = private_file_problem(credential_path(backend.master_key_credential))
-            except ConfigError as exc:
-                p = str(exc)
-            if p:
-                problems.append(f"{where}.master_key_credential: {p}")
+                    problems.append(f"{where}_credential: {p}")
+        ca_bundle = getattr(backend, "ca_bundle", None)
+        if ca_bundle is not None and not ca_bundle.is_file():
+            problems.append(f"backends.{name}.ca_bundle: {ca_bundle} does not exist")
     return problems

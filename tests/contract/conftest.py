@@ -11,6 +11,7 @@ the ``secret_path`` fixture, so a store shared across tests is fine.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -44,8 +45,20 @@ def file_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backe
     yield lambda: open_backend("contract", settings)
 
 
+def _lazy(module: str, attribute: str) -> StoreFactory:
+    """A factory defined next to its server's fixtures (tests/servers/), imported when used."""
+
+    def factory(request: pytest.FixtureRequest, tmp_path: Path) -> AbstractContextManager[BackendFactory]:
+        store: StoreFactory = getattr(importlib.import_module(module), attribute)
+        return store(request, tmp_path)
+
+    return factory
+
+
 IMPLEMENTATIONS: dict[str, StoreFactory] = {
     "file": file_store,
+    "vault": _lazy("tests.servers.openbao", "vault_store"),
+    "aws": _lazy("tests.servers.moto", "aws_store"),
 }
 
 

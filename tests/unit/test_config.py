@@ -256,12 +256,12 @@ def test_unknown_backend(tmp_path: Path) -> None:
 
 def test_unknown_backend_kind(tmp_path: Path) -> None:
     message = only_problem(tmp_path, edited('kind = "file"', 'kind = "s3"'))
-    assert message == "backends.local.kind: unknown kind 's3' (expected one of: file)"
+    assert message == "backends.local.kind: unknown kind 's3' (expected one of: file, vault, aws)"
 
 
 def test_missing_backend_kind(tmp_path: Path) -> None:
     message = only_problem(tmp_path, edited('kind = "file"\n', ""))
-    assert message == "backends.local.kind: missing required key (expected one of: file)"
+    assert message == "backends.local.kind: missing required key (expected one of: file, vault, aws)"
 
 
 def test_consumer_not_defined(tmp_path: Path) -> None:

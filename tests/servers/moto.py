@@ -1,0 +1,1 @@
+"""moto server fixtures (written with the aws backend)."""

@@ -1,0 +1,1 @@
+"""OpenBao dev server fixtures (written with the vault backend)."""
