@@ -143,3 +143,52 @@ def test_second_daemon_on_same_state_is_refused(config: Path, notify: NotifyList
     finally:
         first.stop()
         first.kill()
+
+
+def test_watchdog_pings_at_half_the_interval(config: Path, notify: NotifyListener, tmp_path: Path) -> None:
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", notify, env={"WATCHDOG_USEC": "400000"})
+    try:
+        daemon.wait_ready()
+        first = len(notify.messages)
+        wait_until(
+            lambda: sum(1 for _pid, f in notify.messages[first:] if f.get("WATCHDOG") == "1") >= 4,
+            timeout=10,
+            what="four watchdog pings",
+        )
+        pids = {pid for pid, f in notify.messages if f.get("WATCHDOG") == "1"}
+        assert pids == {daemon.pid}
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+
+def test_audit_verify_detects_edits_and_truncation(config: Path, notify: NotifyListener, tmp_path: Path) -> None:
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", notify)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: _both_created(config), what="both demo secrets created")
+        assert cli(config, "rotate", "demo-bot-api").returncode == 0
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    audit = config.parent / "var" / "audit.log"
+    assert cli(config, "audit", "verify").returncode == 0
+    original = audit.read_bytes()
+    lines = original.splitlines(keepends=True)
+    assert len(lines) >= 6
+
+    edited = json.loads(lines[2])
+    edited["actor"] = "someone-else"
+    audit.write_bytes(b"".join([*lines[:2], json.dumps(edited, sort_keys=True).encode() + b"\n", *lines[3:]]))
+    result = cli(config, "audit", "verify")
+    assert result.returncode == 65 and "line" in result.stderr
+
+    audit.write_bytes(b"".join(lines[:3] + lines[4:]))  # one record deleted
+    assert cli(config, "audit", "verify").returncode == 65
+
+    audit.write_bytes(b"".join(lines[:-2]))  # the tail cut off
+    result = cli(config, "audit", "verify", "--json")
+    assert result.returncode == 65 and json.loads(result.stdout)["ok"] is False
+
+    audit.write_bytes(original)
+    assert cli(config, "audit", "verify").returncode == 0
