@@ -18,7 +18,9 @@ Subclasses follow what the operator does next, not where the error was raised::
     ├── RotationError                  a rotation cannot proceed; the previous primary still works
     │   ├── RotationInProgress         wait for the running rotation
     │   ├── RollbackImpossible         no previous primary left in the ring
-    │   └── RetirementBlocked          data still needs the retiring key
+    │   ├── RetirementBlocked          data still needs the retiring key
+    │   ├── ReencryptionIncomplete     items are still under old keys after the passes; retried
+    │   └── StepInterrupted            the daemon is stopping; the step resumes from its checkpoint
     ├── StateError                     the state database is unusable or inconsistent
     ├── AuditError                     the audit log failed verification    (exit 65)
     ├── ControlError                   the control socket protocol was violated
@@ -45,12 +47,14 @@ __all__ = [
     "LockHeld",
     "NotManaged",
     "PermissionDenied",
+    "ReencryptionIncomplete",
     "RetirementBlocked",
     "RollbackImpossible",
     "RotationError",
     "RotationInProgress",
     "RotatordError",
     "StateError",
+    "StepInterrupted",
     "StoreError",
     "UnknownSecret",
     "UsageError",
@@ -137,6 +141,14 @@ class RollbackImpossible(RotationError):
 
 
 class RetirementBlocked(RotationError):
+    transient = True
+
+
+class ReencryptionIncomplete(RotationError):
+    transient = True
+
+
+class StepInterrupted(RotationError):
     transient = True
 
 

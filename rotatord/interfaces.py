@@ -9,7 +9,7 @@ SDK's exceptions into the :mod:`rotatord.errors` tree at its own edge.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar
@@ -23,8 +23,11 @@ __all__ = [
     "DataStore",
     "Event",
     "Generator",
+    "Identify",
     "Notifier",
+    "Progress",
     "ReencryptReport",
+    "RotateBatch",
     "Versioned",
     "VersionInfo",
 ]
@@ -100,15 +103,45 @@ class Census:
     def count(self, key_id: str) -> int:
         return self.by_key.get(key_id, 0)
 
+    @property
+    def total(self) -> int:
+        return sum(self.by_key.values()) + self.unreadable
+
 
 @dataclass(frozen=True)
 class ReencryptReport:
+    """Running totals of one store's re-encryption (cumulative across resumes)."""
+
     store: str
+    scanned: int = 0
     rewritten: int = 0
     skipped: int = 0
     conflicts: int = 0
     quarantined: int = 0
-    census: Census | None = None
+
+
+#: Re-encrypt a batch of tokens under the primary key: one result per input, ``None`` where no key
+#: of the ring can decrypt it (the item is then quarantined, never rewritten).  May use processes.
+RotateBatch = Callable[[Sequence[bytes]], list[bytes | None]]
+#: The id of the key that signed a token (from its HMAC, without decrypting), or None.
+Identify = Callable[[bytes], str | None]
+
+
+class Progress(ABC):
+    """Where a store reports while it re-encrypts; the engine persists what it is told."""
+
+    @abstractmethod
+    def checkpoint(self, checkpoint: str, totals: ReencryptReport) -> None:
+        """Called after each committed batch: resume after ``checkpoint`` if the process dies."""
+
+    @abstractmethod
+    def quarantine(self, locator: str, reason: str) -> None:
+        """An item no key can read: recorded (store, locator, reason) and reported, never rewritten.
+        ``locator`` names the item (primary key, file path, Redis key/field), never its content."""
+
+    def should_stop(self) -> bool:
+        """True when the daemon is stopping: finish the current batch, checkpoint, return."""
+        return False
 
 
 class DataStore(ABC):
@@ -119,29 +152,43 @@ class DataStore(ABC):
     @property
     @abstractmethod
     def label(self) -> str:
-        """A non-secret locator for messages and the state DB (e.g. ``sql:messages.body``)."""
+        """A non-secret locator for messages and the state DB (e.g. ``sql:messages(body)``)."""
 
     @abstractmethod
-    def census(self, identify: Callable[[bytes], str | None]) -> Census:
-        """Count items per signing key id; ``identify`` maps a token to its key id or None.
+    def check(self) -> None:
+        """Verify the store is reachable and shaped as configured (table, columns, types, key
+        type...).  Raises StoreError naming the store and what is wrong."""
 
-        Raises StoreError naming the store.
-        """
+    @abstractmethod
+    def census(self, identify: Identify) -> Census:
+        """Count items per signing key id (``identify``), and unreadable ones.  Never decrypts,
+        never writes.  Memory stays flat whatever the store's size.  Raises StoreError."""
 
     @abstractmethod
     def reencrypt(
         self,
-        rotate: Callable[[bytes], bytes],
-        identify: Callable[[bytes], str | None],
+        rotate: RotateBatch,
+        identify: Identify,
         primary_id: str,
         checkpoint: str | None,
-        on_batch: Callable[[str | None, ReencryptReport], None],
+        progress: Progress,
     ) -> ReencryptReport:
-        """Rewrite every item not under ``primary_id`` with ``rotate``, compare-and-swap per item.
+        """Move every item not under ``primary_id`` to it, in batches, compare-and-swap per item.
 
-        Resumes after ``checkpoint``; calls ``on_batch(new_checkpoint, totals)`` after each batch.
-        Items ``identify`` cannot place are quarantined, never rewritten.  Raises StoreError.
+        - Items ``identify`` places under ``primary_id`` are skipped without decrypting.
+        - Items ``identify`` cannot place, or ``rotate`` cannot decrypt, go to
+          ``progress.quarantine`` and are left untouched.
+        - A write happens only if the item still holds the value read (a bot may have changed
+          it meanwhile: then it counts as a conflict and is picked up again, never overwritten).
+        - Resumes after ``checkpoint`` (an opaque string this store produced earlier); calls
+          ``progress.checkpoint`` after each batch; returns when the whole store was walked once
+          or ``progress.should_stop()``.
+        Raises StoreError naming the store.
         """
+
+    def estimate(self) -> int | None:
+        """A cheap estimate of the number of items (for progress bars), or None."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections.  Idempotent."""

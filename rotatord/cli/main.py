@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("census", parents=[common], help="count each data store's items per key, now")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("reencrypt", parents=[common], help="resume or force re-encryption of a secret's data")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("audit", parents=[common], help="audit log tools")
     audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION", parser_class=_Parser)
     v = audit_sub.add_parser("verify", parents=[common], help="check the audit log's hash chain")
@@ -75,6 +83,8 @@ COMMANDS = {
     "status": "rotation_cmds:status",
     "history": "rotation_cmds:history",
     "audit": "audit_cmds:audit",
+    "census": "data_cmds:census",
+    "reencrypt": "data_cmds:reencrypt",
 }
 
 

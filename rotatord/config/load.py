@@ -220,6 +220,17 @@ def cross_check(settings: Settings) -> list[str]:
             for field_name in ("token_prefix", "token_ttl"):
                 if getattr(s, field_name) is not None:
                     problems.append(f"{at(field_name)}: only applies to kind 'api_token', not {s.kind!r}")
+        if s.kind != "fernet" and s.stores:
+            problems.append(f"{at('stores')}: only applies to kind 'fernet', not {s.kind!r}")
+        for sidx, store in enumerate(s.stores):
+            for ref in store.credential_refs():
+                field = f"stores[{sidx}].{ref.name}"
+                if ref.file is not None and ref.credential is not None:
+                    problems.append(
+                        f"{at(field + '_credential')}: set only one of {ref.name}_file and {ref.name}_credential"
+                    )
+                elif ref.required and not ref.is_set:
+                    problems.append(f"{at(field + '_file')}: missing: set {ref.name}_file or {ref.name}_credential")
         if s.kind != "fernet" and s.keep:
             problems.append(f"{at('keep')}: only applies to kind 'fernet', not {s.kind!r}")
         for c in s.consumers:

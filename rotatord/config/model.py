@@ -37,7 +37,11 @@ __all__ = [
     "CredentialRef",
     "FileBackendSettings",
     "VaultBackendSettings",
+    "FilesStoreSettings",
+    "RedisStoreSettings",
     "SecretSettings",
+    "SqlStoreSettings",
+    "StoreSettings",
     "Settings",
 ]
 
@@ -217,6 +221,63 @@ class ConsumerSettings(_Frozen):
     timeout: Duration = timedelta(seconds=15)
 
 
+IDENT_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
+Identifier = Annotated[str, Field(pattern=IDENT_RE)]
+RateLimit = Annotated[float, Field(gt=0)]
+BatchSize = Annotated[int, Field(ge=1, le=100_000)]
+
+
+class SqlStoreSettings(_Frozen):
+    """Rows of one table: SQLite, PostgreSQL (psycopg 3) or MariaDB/MySQL, through SQLAlchemy Core."""
+
+    kind: Literal["sql"]
+    #: The SQLAlchemy URL holds a password, so it is only referenced (a 0600 file or a credential).
+    url_file: RelPath | None = None
+    url_credential: CredentialName | None = None
+    table: Identifier
+    key: Annotated[tuple[Identifier, ...], Field(min_length=1)]
+    columns: Annotated[tuple[Identifier, ...], Field(min_length=1)]
+    #: Optional SQL filter (trusted text from the operator), e.g. "tenant_id = 7".
+    where: Annotated[str, Field(max_length=1000)] | None = None
+    batch_size: BatchSize = 1000
+    rate_limit: RateLimit | None = None
+
+    def credential_refs(self) -> tuple[CredentialRef, ...]:
+        return (CredentialRef("url", self.url_file, self.url_credential, True),)
+
+
+class FilesStoreSettings(_Frozen):
+    """Files under ``directory`` matching ``pattern``, each holding one Fernet token."""
+
+    kind: Literal["files"]
+    directory: RelPath
+    pattern: Annotated[str, Field(min_length=1, max_length=256)] = "**/*"
+    batch_size: BatchSize = 500
+    rate_limit: RateLimit | None = None
+
+    def credential_refs(self) -> tuple[CredentialRef, ...]:
+        return ()
+
+
+class RedisStoreSettings(_Frozen):
+    """Keys matching ``pattern`` (walked with SCAN): string values, or the named fields of hashes."""
+
+    kind: Literal["redis"]
+    url_file: RelPath | None = None
+    url_credential: CredentialName | None = None
+    pattern: Annotated[str, Field(min_length=1, max_length=256)]
+    #: Empty: the keys hold strings.  Otherwise: the keys are hashes and these fields hold tokens.
+    hash_fields: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = ()
+    batch_size: BatchSize = 500
+    rate_limit: RateLimit | None = None
+
+    def credential_refs(self) -> tuple[CredentialRef, ...]:
+        return (CredentialRef("url", self.url_file, self.url_credential, True),)
+
+
+StoreSettings = Annotated[SqlStoreSettings | FilesStoreSettings | RedisStoreSettings, Field(discriminator="kind")]
+
+
 class SecretSettings(_Frozen):
     name: Name
     kind: Literal["fernet", "api_token", "webhook_secret"]
@@ -230,6 +291,8 @@ class SecretSettings(_Frozen):
     consumers: tuple[Name, ...] = ()
     token_prefix: Annotated[str, Field(pattern=TOKEN_PREFIX_RE)] | None = None
     token_ttl: Duration | None = None
+    #: Data re-encrypted under the new key (fernet only).
+    stores: tuple[StoreSettings, ...] = ()
 
     @field_validator("path")
     @classmethod

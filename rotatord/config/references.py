@@ -58,7 +58,9 @@ def check_references(settings: Settings, config_file: Path, *, require_existing:
     ``require_existing=False`` skips files that ``rotatord init`` will create.
     """
     problems: list[str] = []
-    holds_refs = any(ref.is_set for b in settings.backends.values() for ref in b.credential_refs())
+    holds_refs = any(ref.is_set for b in settings.backends.values() for ref in b.credential_refs()) or any(
+        ref.is_set for s in settings.secrets for store in s.stores for ref in store.credential_refs()
+    )
     try:
         mode = config_file.stat().st_mode
     except OSError:
@@ -93,4 +95,20 @@ def check_references(settings: Settings, config_file: Path, *, require_existing:
         ca_bundle = getattr(backend, "ca_bundle", None)
         if ca_bundle is not None and not ca_bundle.is_file():
             problems.append(f"backends.{name}.ca_bundle: {ca_bundle} does not exist")
+    for idx, secret in enumerate(settings.secrets):
+        for sidx, store in enumerate(secret.stores):
+            for ref in store.credential_refs():
+                where = f"secrets[{idx}].stores[{sidx}].{ref.name}"
+                path = ref.file
+                if path is None and ref.credential is not None:
+                    try:
+                        path = credential_path(ref.credential)
+                    except ConfigError as exc:
+                        problems.append(f"{where}_credential: {exc}")
+                        continue
+                if path is not None:
+                    p = private_file_problem(path)
+                    if p:
+                        suffix = "_file" if ref.file is not None else "_credential"
+                        problems.append(f"{where}{suffix}: {p}")
     return problems

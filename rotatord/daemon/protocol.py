@@ -26,6 +26,8 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "rotate": {"name": (str, True), "emergency": (bool, False), "reason": (str, False)},
     "rollback": {"name": (str, True), "reason": (str, False)},
     "reload": {},
+    "census": {"name": (str, True)},
+    "reencrypt": {"name": (str, True)},
 }
 
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..audit import AuditLog
 from ..backends.registry import open_backend
 from ..config import Settings
+from ..document import FernetRing
 from ..engine.journal import Journal
+from ..engine.ledger import StoreLedger
 from ..engine.policy import RetryPolicy
+from ..engine.reencrypt import Reencryptor, serial_batch_rotator
 from ..engine.runner import Engine
 from ..fsutil import ensure_private_dir
-from ..interfaces import Backend
+from ..interfaces import Backend, DataStore, RotateBatch
+from ..timeutil import utcnow
 
 __all__ = ["Runtime", "build_runtime"]
 
@@ -24,15 +29,38 @@ class Runtime:
     audit: AuditLog
     backends: dict[str, Backend]
     engine: Engine
+    stores: dict[str, list[DataStore]]
 
     def close(self) -> None:
+        self.close_connections()
+        self.journal.close()
+
+    def close_connections(self) -> None:
+        """Close backends and stores (a reload keeps the journal)."""
         for backend in self.backends.values():
             backend.close()
-        self.journal.close()
+        for stores in self.stores.values():
+            for store in stores:
+                store.close()
+
+
+def open_stores(settings: Settings) -> dict[str, list[DataStore]]:
+    """The data stores of each fernet secret (none are opened when none are configured)."""
+    if not any(s.stores for s in settings.secrets):
+        return {}
+    from ..stores.registry import open_store
+
+    return {
+        s.name: [open_store(s.name, i, cfg) for i, cfg in enumerate(s.stores)] for s in settings.secrets if s.stores
+    }
 
 
 def build_runtime(
-    settings: Settings, *, journal: Journal | None = None, locks: dict[str, threading.RLock] | None = None
+    settings: Settings,
+    *,
+    journal: Journal | None = None,
+    locks: dict[str, threading.RLock] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Runtime:
     """Open the journal, the audit log and every backend a configured secret uses."""
     daemon = settings.daemon
@@ -43,12 +71,25 @@ def build_runtime(
     audit = AuditLog(daemon.audit_path, journal)
     used = {s.backend for s in settings.secrets}
     backends = {name: open_backend(name, cfg) for name, cfg in settings.backends.items() if name in used}
+    stores = open_stores(settings)
+    reencryptor = Reencryptor(StoreLedger(journal), utcnow, default_batch_rotator, should_stop)
     engine = Engine(
         settings.secrets,
         backends,
         journal,
         audit,
         RetryPolicy(daemon.step_retry_initial, daemon.step_retry_max),
+        stores=stores,
         locks=locks,
+        reencryptor=reencryptor,
     )
-    return Runtime(settings, journal, audit, backends, engine)
+    return Runtime(settings, journal, audit, backends, engine, stores)
+
+
+def default_batch_rotator(ring: FernetRing) -> RotateBatch:
+    """Process-parallel re-encryption where available (it pays on large batches)."""
+    try:
+        from ..crypto.parallel import batch_rotator
+    except ImportError:
+        return serial_batch_rotator(ring)
+    return batch_rotator(ring, None)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings, check_references, load_settings
-from ..engine.report import history_report, secret_status
+from ..engine.report import census_report, history_report, secret_status
 from ..errors import ConfigError, RotatordError, UnknownSecret
 from ..logs import setup_logging
 from ..schedule import JobScheduler
@@ -65,7 +65,7 @@ class Daemon:
         daemon.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock.acquire()
         try:
-            self._runtime = build_runtime(self.settings, locks=self._locks)
+            self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=lambda: self._stopping)
             self.runtime.engine.on_change = self._changed_threadsafe
             self.notifier.status("resuming unfinished rotations")
             resumed = await self._loop.run_in_executor(None, self._resume)
@@ -201,7 +201,10 @@ class Daemon:
                 raise ConfigError("daemon.state_dir, state_url and control_socket cannot change on reload; restart")
             assert self._loop is not None
             runtime = await self._loop.run_in_executor(
-                None, lambda: build_runtime(new, journal=self.runtime.journal, locks=self._locks)
+                None,
+                lambda: build_runtime(
+                    new, journal=self.runtime.journal, locks=self._locks, should_stop=lambda: self._stopping
+                ),
             )
         except ConfigError as exc:
             log.error("reload refused: the running configuration stays in force", extra={"problems": exc.problems})
@@ -209,8 +212,7 @@ class Daemon:
             return
         old_runtime, self._runtime, self.settings = self.runtime, runtime, new
         runtime.engine.on_change = self._changed_threadsafe
-        for backend in old_runtime.backends.values():
-            backend.close()
+        old_runtime.close_connections()
         setup_logging(new.daemon.log_level)
         self._arm_all(startup=False)
         log.info("configuration reloaded", extra={"secrets": len(new.secrets)})
@@ -238,6 +240,12 @@ class Daemon:
             raise UnknownSecret(request.name)
         if request.op == "history":
             return history_report(engine, request.name)
+        if request.op == "census":
+            return census_report(engine, request.name, now)
+        if request.op == "reencrypt":
+            result = engine.reencrypt(request.name, trigger=actor, now=now)
+            self._tick(request.name)
+            return result
         if request.op == "rotate":
             rot = engine.rotate(
                 request.name, trigger=actor, emergency=request.emergency, reason=request.reason, now=now

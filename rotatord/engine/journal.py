@@ -12,7 +12,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -209,6 +209,8 @@ class Journal:
                 os.close(os.open(database, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
             except OSError as exc:
                 raise StateError(f"cannot create the state database {database}: {exc.strerror}") from None
+        from . import ledger  # noqa: F401 - registers its tables on the shared metadata
+
         try:
             metadata.create_all(self._engine)
         except SQLAlchemyError as exc:
@@ -216,6 +218,10 @@ class Journal:
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def transaction(self) -> AbstractContextManager[Connection]:
+        """One transaction, for the modules that keep their own tables here (engine.ledger)."""
+        return self._tx()
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:

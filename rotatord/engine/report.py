@@ -13,7 +13,7 @@ from .journal import RotationRow
 from .runner import Engine
 from .states import next_step
 
-__all__ = ["history_report", "secret_status"]
+__all__ = ["census_report", "history_report", "progress_report", "secret_status"]
 
 
 def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
@@ -49,7 +49,41 @@ def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
         out["next_step_at"] = format_ts(when) if when else format_ts(now)
         out["error"] = latest.error
         out["attempts"] = latest.attempts
+        out["progress"] = progress_report(engine, latest.id)
     return out
+
+
+def census_report(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
+    """A fresh census of every store of ``name``, plus what is quarantined."""
+    censuses = engine.census(name)
+    ledger = engine.reencryptor.ledger
+    return {
+        "name": name,
+        "taken_at": format_ts(now),
+        "stores": [
+            {"store": c.store, "by_key": dict(sorted(c.by_key.items())), "unreadable": c.unreadable, "total": c.total}
+            for c in censuses
+        ],
+        "quarantined": [{**q, "found_at": format_ts(q["found_at"])} for q in ledger.quarantined(name)],
+    }
+
+
+def progress_report(engine: Engine, rotation_id: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "store": row.store,
+            "step": row.step,
+            "done": row.done,
+            "estimate": row.estimate,
+            "scanned": row.totals.scanned,
+            "rewritten": row.totals.rewritten,
+            "skipped": row.totals.skipped,
+            "conflicts": row.totals.conflicts,
+            "quarantined": row.totals.quarantined,
+            "updated_at": format_ts(row.updated_at),
+        }
+        for row in engine.reencryptor.ledger.for_rotation(rotation_id)
+    ]
 
 
 def _ready_at(rot: RotationRow, step: str | None) -> datetime | None:

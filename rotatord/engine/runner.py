@@ -21,7 +21,6 @@ from typing import Any
 from ..audit import AuditLog
 from ..config import SecretSettings
 from ..crypto.generators import generator_for
-from ..crypto.keyring import KeyIdentifier, rotator
 from ..document import CredentialSet, Document, FernetRing, key_id_for
 from ..errors import (
     ConflictError,
@@ -30,12 +29,17 @@ from ..errors import (
     RollbackImpossible,
     RotationInProgress,
     RotatordError,
+    StepInterrupted,
     UnknownSecret,
+    UsageError,
 )
-from ..interfaces import Backend, DataStore, Event
+from ..interfaces import Backend, Census, DataStore, Event
+from ..timeutil import utcnow
 from . import transitions as t
 from .journal import ACTIVE, Journal, RotationRow
+from .ledger import StoreLedger
 from .policy import RetryPolicy, next_rotation_due
+from .reencrypt import Reencryptor, serial_batch_rotator
 from .states import EVENT_AFTER, FIRST_PHASE, PHASE_AFTER, next_step
 
 __all__ = ["CRASH_ENV", "Engine", "StepOutcome"]
@@ -69,6 +73,7 @@ class Engine:
         retry: RetryPolicy,
         stores: Mapping[str, Sequence[DataStore]] | None = None,
         locks: dict[str, threading.RLock] | None = None,
+        reencryptor: Reencryptor | None = None,
     ) -> None:
         self.secrets = {s.name: s for s in secrets}
         self.backends = backends
@@ -76,6 +81,7 @@ class Engine:
         self.audit = audit
         self.retry = retry
         self.stores = stores or {}
+        self.reencryptor = reencryptor or Reencryptor(StoreLedger(journal), utcnow, serial_batch_rotator)
         # Shared across engine instances (a reload builds a new engine while a step may still run).
         self._locks = locks if locks is not None else {}
         for name in self.secrets:
@@ -160,6 +166,40 @@ class Engine:
             step = self.journal.begin_step(rot.id, "rollback", now)
             return self._finish_rollback(secret, rot, step.request_id, trigger, reason, now)
 
+    def census(self, name: str) -> list[Census]:
+        """Count each store's items per key now (read-only) and record the result."""
+        secret = self.setting(name)
+        stores = self.stores.get(name, ())
+        if secret.kind != "fernet" or not stores:
+            return []
+        current = self.backends[secret.backend].read(secret.path)
+        ring = self._require_ring(secret, current.document if current else None)
+        return self.reencryptor.census(name, ring, stores)
+
+    def reencrypt(self, name: str, *, trigger: str, now: datetime) -> dict[str, Any]:
+        """Resume the re-encryption step of the active rotation, or force a pass outside one."""
+        secret = self.setting(name)
+        stores = self.stores.get(name, ())
+        if secret.kind != "fernet" or not stores:
+            raise UsageError(f"{name!r} has no data stores to re-encrypt")
+        with self._lock(name):
+            active = self.journal.active(name)
+            if active is not None:
+                if active.phase in ("promoted", "reencrypted") and active.next_attempt_at:
+                    active = self.journal.update(active.id, now, next_attempt_at=None)
+                self._advance(active, now)
+                rot = self.journal.get(active.id)
+                return {"rotation": rot.version, "phase": rot.phase, "error": rot.error}
+            latest = self.journal.latest(name)
+            if latest is None:
+                raise UsageError(f"{name!r} was never created; nothing to re-encrypt")
+            current = self.backends[secret.backend].read(secret.path)
+            ring = self._require_ring(secret, current.document if current else None)
+            step = f"manual-{int(now.timestamp() * 1000)}"
+            moved = self.reencryptor.move(name, latest.id, step, ring, stores)
+            self._audit("reencrypt.forced", latest, actor=trigger, **moved.summary())
+            return {"rotation": latest.version, "phase": latest.phase, **moved.summary()}
+
     def resume(self, now: datetime) -> list[RotationRow]:
         """Every rotation left active by an earlier process (crash, restart, failover)."""
         return self.journal.all_active()
@@ -211,6 +251,8 @@ class Engine:
                 return ready
             try:
                 rot = self._run_step(secret, rot, step, now)
+            except StepInterrupted:
+                return now  # a shutdown, not a failure: the next process resumes from the checkpoint
             except RotatordError as exc:
                 return self._failed(rot, step, exc, now)
             except Exception as exc:  # a bug must not kill the scheduler; it is logged and retried
@@ -303,17 +345,13 @@ class Engine:
         return StepOutcome({"backend_version": version, "primary": doc.primary}, updates, {"primary": doc.primary})
 
     def _step_reencrypt(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
+        stores = self.stores.get(secret.name, ())
+        if not stores:
+            return StepOutcome({"stores": 0}, {}, {})
         current = self.backends[secret.backend].read(secret.path)
         ring = self._require_ring(secret, current.document if current else None)
-        identify = KeyIdentifier(ring).identify
-        rotate = rotator(ring)
-        rewritten = quarantined = 0
-        for store in self.stores.get(secret.name, ()):
-            report = store.reencrypt(rotate, identify, ring.primary, None, lambda _cp, _rep: None)
-            rewritten += report.rewritten
-            quarantined += report.quarantined
-        result = {"stores": len(self.stores.get(secret.name, ())), "rewritten": rewritten, "quarantined": quarantined}
-        return StepOutcome(result, {}, {})
+        moved = self.reencryptor.move(secret.name, rot.id, "reencrypt", ring, stores)
+        return StepOutcome(moved.summary(), {}, {})
 
     def _step_retire(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
         current = self.backends[secret.backend].read(secret.path)
@@ -324,14 +362,16 @@ class Engine:
         # After an emergency the old key is presumed compromised: it is never kept as a rollback reserve.
         keep = 0 if rot.emergency else secret.keep
         candidates = {k.id for k in t.retire_candidates(ring, now, keep, deadlines)}
-        if candidates:
-            identify = KeyIdentifier(ring).identify
-            for store in self.stores.get(secret.name, ()):
-                census = store.census(identify)
+        stores = self.stores.get(secret.name, ())
+        if candidates and stores:
+            # The final sweep catches items bots wrote under the old key during the run; then a
+            # fresh census must find nothing that only a retiring key can decrypt.
+            moved = self.reencryptor.move(secret.name, rot.id, "retire", ring, stores)
+            for census in moved.censuses:
                 needed = {kid: census.count(kid) for kid in candidates if census.count(kid)}
                 if needed:
                     raise RetirementBlocked(
-                        f"{store.label} still holds items under "
+                        f"{census.store} still holds items under "
                         + ", ".join(f"{kid} ({n})" for kid, n in sorted(needed.items()))
                     )
 

@@ -1,0 +1,160 @@
+"""Moving a secret's stored data to its primary key, in resumable passes, and taking its census.
+
+A pass walks every store once from its checkpoint (persisted after each batch, so a crash
+resumes mid-store); after the pass a census counts items per key.  Items still under an old key
+(a bot that wrote with a stale ring, or a conflict with a concurrent update) are picked up by the
+next pass.  Nothing here holds key material beyond the call: the ring arrives as an argument.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..crypto.keyring import KeyIdentifier
+from ..document import FernetRing
+from ..errors import ReencryptionIncomplete, StepInterrupted
+from ..interfaces import Census, DataStore, ReencryptReport, RotateBatch
+from .ledger import JournalProgress, StoreLedger
+
+__all__ = ["MAX_PASSES", "MoveResult", "Reencryptor"]
+
+log = logging.getLogger("rotatord.reencrypt")
+MAX_PASSES = 3
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    reports: list[ReencryptReport]
+    censuses: list[Census]
+    passes: int
+
+    def stale(self, primary: str) -> int:
+        """Items still under a key other than the primary (unreadable ones excluded)."""
+        return sum(n for c in self.censuses for kid, n in c.by_key.items() if kid != primary)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "stores": len(self.reports),
+            "rewritten": sum(r.rewritten for r in self.reports),
+            "skipped": sum(r.skipped for r in self.reports),
+            "conflicts": sum(r.conflicts for r in self.reports),
+            "quarantined": sum(r.quarantined for r in self.reports),
+            "passes": self.passes,
+        }
+
+
+class Reencryptor:
+    def __init__(
+        self,
+        ledger: StoreLedger,
+        clock: Callable[[], datetime],
+        batch_rotator: Callable[[FernetRing], RotateBatch],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self.batch_rotator = batch_rotator
+        self.should_stop = should_stop
+
+    def census(self, secret: str, ring: FernetRing, stores: Sequence[DataStore]) -> list[Census]:
+        identify = KeyIdentifier(ring).identify
+        results = [store.census(identify) for store in stores]
+        self.ledger.record_census(secret, results, self.clock())
+        return results
+
+    def move(
+        self, secret: str, rotation_id: int, step: str, ring: FernetRing, stores: Sequence[DataStore]
+    ) -> MoveResult:
+        """Run passes (resuming an interrupted one) until the census shows nothing under an old key.
+
+        Raises StepInterrupted when the daemon stops mid-pass and ReencryptionIncomplete when
+        items remain after MAX_PASSES passes in this attempt (the engine retries with backoff).
+        """
+        identify = KeyIdentifier(ring).identify
+        rotate = self.batch_rotator(ring)
+        first = self._first_open_pass(rotation_id, step, stores)
+        reports: list[ReencryptReport] = []
+        censuses: list[Census] = []
+        for n in range(first, first + MAX_PASSES):
+            reports = [
+                self._pass(secret, rotation_id, f"{step}/{n}", store, rotate, identify, ring.primary)
+                for store in stores
+            ]
+            censuses = self.census(secret, ring, stores)
+            result = MoveResult(reports, censuses, n + 1)
+            if result.stale(ring.primary) == 0:
+                return result
+            log.info(
+                "items remain under old keys; another pass",
+                extra={"secret": secret, "pass": n + 1, "stale": result.stale(ring.primary)},
+            )
+        raise ReencryptionIncomplete(
+            f"{MoveResult(reports, censuses, 0).stale(ring.primary)} items of {secret!r} are still under old keys "
+            f"after {MAX_PASSES} passes (bots still writing with an old ring?); retrying"
+        )
+
+    def _first_open_pass(self, rotation_id: int, step: str, stores: Sequence[DataStore]) -> int:
+        rows = {(r.step, r.store): r for r in self.ledger.for_rotation(rotation_id) if r.step.startswith(f"{step}/")}
+        n = 0
+        while all((row := rows.get((f"{step}/{n}", s.label))) is not None and row.done for s in stores):
+            n += 1
+        # A pass that was fully done is followed by its census; resume at the first unfinished one,
+        # but start a fresh pass rather than repeating a finished one.
+        return n
+
+    def _pass(
+        self,
+        secret: str,
+        rotation_id: int,
+        step: str,
+        store: DataStore,
+        rotate: RotateBatch,
+        identify: Callable[[bytes], str | None],
+        primary: str,
+    ) -> ReencryptReport:
+        saved = self.ledger.load(rotation_id, step, store.label)
+        if saved is not None and saved.done:
+            return saved.totals
+        estimate = saved.estimate if saved is not None else store.estimate()
+        progress = JournalProgress(
+            self.ledger,
+            secret=secret,
+            rotation_id=rotation_id,
+            step=step,
+            store=store.label,
+            estimate=estimate,
+            clock=self.clock,
+            stopping=self.should_stop,
+        )
+        report = store.reencrypt(rotate, identify, primary, saved.checkpoint if saved else None, progress)
+        if self.should_stop():
+            raise StepInterrupted(f"{store.label}: stopped by shutdown; resumes from its checkpoint")
+        self.ledger.save(rotation_id, step, store.label, None, report, done=True, estimate=estimate, now=self.clock())
+        log.info(
+            "store pass done",
+            extra={"secret": secret, "store": store.label, "step": step, "rewritten": report.rewritten,
+                   "skipped": report.skipped, "conflicts": report.conflicts, "quarantined": report.quarantined},
+        )  # fmt: skip
+        return report
+
+
+def serial_batch_rotator(ring: FernetRing) -> RotateBatch:
+    """In-process re-encryption of a batch: the fallback when processes do not pay."""
+    from ..crypto.keyring import rotator
+    from ..errors import DecryptError
+
+    rotate_one = rotator(ring)
+
+    def rotate(tokens: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for token in tokens:
+            try:
+                out.append(rotate_one(token))
+            except DecryptError:
+                out.append(None)
+        return out
+
+    return rotate
