@@ -32,7 +32,9 @@ __all__ = [
     "BackendSettings",
     "backend_kinds",
     "ConsumerSettings",
+    "EVENT_TYPES",
     "DaemonSettings",
+    "NotifySettings",
     "AwsBackendSettings",
     "CredentialRef",
     "FileBackendSettings",
@@ -214,11 +216,66 @@ def backend_kinds() -> tuple[str, ...]:
     return tuple(kind for member in members for kind in get_args(member.model_fields["kind"].annotation))
 
 
+EVENT_TYPES = (
+    "key.staged",
+    "key.promoted",
+    "key.retired",
+    "token.issued",
+    "token.revoked",
+    "rotation.failed",
+    "rotation.rolled_back",
+)
+EventType = Literal[
+    "key.staged",
+    "key.promoted",
+    "key.retired",
+    "token.issued",
+    "token.revoked",
+    "rotation.failed",
+    "rotation.rolled_back",
+]
+
+
 class ConsumerSettings(_Frozen):
-    url: Annotated[str, Field(pattern=r"^https?://")]
-    signing_secret: Name | None = None
+    """A bot told about rotations by signed webhook; its 2xx means "I re-read the secret"."""
+
+    url: Annotated[str, Field(pattern=URL_RE)]
+    #: A managed secret of kind webhook_secret whose current (and, while it rotates, previous)
+    #: value signs every request (Standard Webhooks ``webhook-signature``).
+    signing_secret: Name
+    #: The events this consumer wants; all by default.
+    events: tuple[EventType, ...] = EVENT_TYPES
+    #: Its acknowledgement of key.staged gates promotion (see notify.on_unacknowledged).
     required: bool = False
     timeout: Duration = timedelta(seconds=15)
+
+
+class NotifySettings(_Frozen):
+    """Webhook delivery: targets allowed, retry schedule, what happens without acknowledgement."""
+
+    #: Hosts (exact names) and networks (CIDR) webhooks may go to.  Checked after DNS resolution;
+    #: loopback and private ranges only when listed here; link-local / metadata never.
+    allow: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] = ()
+    #: Delays before each attempt, counted from the previous failure (Svix's schedule).
+    retry_schedule: tuple[Duration, ...] = (
+        timedelta(0),
+        timedelta(seconds=5),
+        timedelta(minutes=5),
+        timedelta(minutes=30),
+        timedelta(hours=2),
+        timedelta(hours=5),
+        timedelta(hours=10),
+        timedelta(hours=10),
+    )
+    #: An endpoint failing every attempt for this long is marked failing (and alerted on).
+    failing_after: Duration = timedelta(days=5)
+    #: Deliveries in flight at once.
+    concurrency: Annotated[int, Field(ge=1, le=10_000)] = 200
+    #: CA bundle for HTTPS targets (default: the system's).  Verification is always on.
+    ca_bundle: RelPath | None = None
+    #: When the propagation window ends before every required consumer acknowledged key.staged:
+    #: "promote" anyway (and alert) or "hold" the rotation at staged (and alert).
+    on_unacknowledged: Literal["promote", "hold"] = "promote"
 
 
 IDENT_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
@@ -327,6 +384,7 @@ class Settings(_Frozen):
     daemon: DaemonSettings = DaemonSettings()
     backends: FrozenMapping[BackendSettings] = Field(default_factory=_empty_mapping)
     consumers: FrozenMapping[ConsumerSettings] = Field(default_factory=_empty_mapping)
+    notify: NotifySettings = NotifySettings()
     secrets: tuple[SecretSettings, ...] = ()
 
     def secret(self, name: str) -> SecretSettings | None:
