@@ -172,7 +172,10 @@ def make_harness(tmp_path: Path) -> Iterator[HarnessFactory]:
                     kind="file", directory=root / "secrets", master_key_file=root / "keys" / "master.key"
                 )
             },
-            consumers={c: ConsumerSettings(url=f"http://127.0.0.1:9/hooks/{c}") for c in consumers},
+            consumers={
+                c: ConsumerSettings(url=f"http://127.0.0.1:9/hooks/{c}", signing_secret="bot-webhook")
+                for c in consumers
+            },
             secrets=secrets or (fernet_secret(), token_secret()),
         )
         assert init_master_key(settings.backends["local"])
