@@ -216,15 +216,6 @@ def backend_kinds() -> tuple[str, ...]:
     return tuple(kind for member in members for kind in get_args(member.model_fields["kind"].annotation))
 
 
-EVENT_TYPES = (
-    "key.staged",
-    "key.promoted",
-    "key.retired",
-    "token.issued",
-    "token.revoked",
-    "rotation.failed",
-    "rotation.rolled_back",
-)
 EventType = Literal[
     "key.staged",
     "key.promoted",
@@ -234,6 +225,7 @@ EventType = Literal[
     "rotation.failed",
     "rotation.rolled_back",
 ]
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 
 class ConsumerSettings(_Frozen):

@@ -36,6 +36,7 @@ from ..errors import (
 from ..interfaces import Backend, Census, DataStore, Event
 from ..timeutil import utcnow
 from . import transitions as t
+from .gate import AckGate
 from .journal import ACTIVE, Journal, RotationRow
 from .ledger import StoreLedger
 from .policy import RetryPolicy, next_rotation_due
@@ -74,8 +75,10 @@ class Engine:
         stores: Mapping[str, Sequence[DataStore]] | None = None,
         locks: dict[str, threading.RLock] | None = None,
         reencryptor: Reencryptor | None = None,
+        gate: AckGate | None = None,
     ) -> None:
         self.secrets = {s.name: s for s in secrets}
+        self.gate = gate
         self.backends = backends
         self.journal = journal
         self.audit = audit
@@ -247,6 +250,8 @@ class Engine:
                 rot = self.journal.update(rot.id, now, status="done", finished_at=now)
                 break
             ready = self._ready_at(rot, step)
+            if step == "promote" and self.gate is not None:
+                ready = self.gate.promote_at(secret, rot, now)
             if ready is not None and ready > now:
                 return ready
             try:
