@@ -122,5 +122,9 @@ class JobScheduler:
         job = self._scheduler.get_job(key)
         return None if job is None else job.next_run_time
 
+    def next_runs(self) -> dict[str, datetime]:
+        """Every armed key's next run, in one pass over the job store."""
+        return {job.id: job.next_run_time for job in self._scheduler.get_jobs() if job.next_run_time is not None}
+
     def job_ids(self) -> list[str]:
         return [job.id for job in self._scheduler.get_jobs()]

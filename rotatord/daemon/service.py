@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings, check_references, load_settings
+from ..engine.policy import next_rotation_due
 from ..engine.report import census_report, history_report, secret_status
-from ..errors import ConfigError, RotatordError, UnknownSecret
+from ..errors import ConfigError, RotatordError, UnknownSecret, UsageError
 from ..logs import setup_logging
 from ..schedule import JobScheduler
-from ..timeutil import Clock, SystemClock, format_ts
+from ..timeutil import Clock, SystemClock, format_ts, parse_ts
 from .control import ControlServer
 from .lock import StateLock
 from .protocol import Request
@@ -33,6 +34,7 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("rotatord.daemon")
 ERROR_RETRY = timedelta(minutes=1)
+STATUS_INTERVAL = 1.0
 
 
 class Daemon:
@@ -47,6 +49,10 @@ class Daemon:
         self._runtime: Runtime | None = None
         self._stopping = False
         self._last_status = ""
+        self._status_pending = False
+        self._notify_wake = asyncio.Event()
+        self._notify_stop = asyncio.Event()
+        self._notify_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
 
@@ -87,11 +93,13 @@ class Daemon:
                 extra={"secrets": len(self.settings.secrets), "resumed": resumed, "socket": str(daemon.socket_path)},
             )
             watchdog = asyncio.ensure_future(self._watchdog())
+            self._start_notifier()
             await self._stop.wait()
             self._stopping = True
             self.notifier.stopping("stopping: finishing the steps in flight")
             log.info("stopping: waiting for steps in flight")
             watchdog.cancel()
+            await self._stop_notifier()
             await self.control.close()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
             self.runtime.close()
@@ -120,9 +128,11 @@ class Daemon:
         for key in self.scheduler.job_ids():
             if key not in engine.secrets:
                 self.scheduler.disarm(key)
-        for name in engine.secrets:
-            active = engine.journal.active(name)
-            when = now if active else engine.next_due(name, now)
+        latest = engine.journal.latest_all()  # one query, not two per secret
+        for name, secret in engine.secrets.items():
+            rot = latest.get(name)
+            active = rot is not None and rot.active
+            when = now if active else next_rotation_due(secret, rot.started_at if rot else None, now)
             if when <= now:
                 # Missed while the daemon was down (or never done): run once, spread out a little.
                 when = now + timedelta(seconds=random.uniform(0, jitter) if startup else 0)
@@ -152,9 +162,32 @@ class Daemon:
 
     def _changed_threadsafe(self, _name: str) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._publish_status)
+            self._loop.call_soon_threadsafe(self._status_soon)
+            self._loop.call_soon_threadsafe(self._notify_wake.set)
+
+    def _status_soon(self) -> None:
+        """Coalesce STATUS= updates: a wave of 1,000 steps yields one line a second, not 5,000."""
+        if not self._status_pending and self._loop is not None:
+            self._status_pending = True
+            self._loop.call_later(STATUS_INTERVAL, self._publish_status)
+
+    # -- webhooks: delivered off the rotation path, woken by every phase change -------------
+
+    def _start_notifier(self) -> None:
+        notifier = self.runtime.notifier
+        if notifier is None:
+            return
+        self._notify_stop = asyncio.Event()
+        self._notify_task = asyncio.ensure_future(notifier.run(self._notify_stop, self._notify_wake))
+
+    async def _stop_notifier(self) -> None:
+        if self._notify_task is not None:
+            self._notify_stop.set()
+            await self._notify_task
+            self._notify_task = None
 
     def _publish_status(self) -> None:
+        self._status_pending = False
         if self._stopping:
             return
         line = self._status_line()
@@ -167,7 +200,8 @@ class Daemon:
         now = self.clock.now()
         active = [r for r in engine.journal.all_active() if r.secret in engine.secrets]
         failing = [r for r in active if r.error]
-        upcoming = sorted((self.scheduler.next_run(n) or now, n) for n in engine.secrets)
+        runs = self.scheduler.next_runs()
+        upcoming = sorted((runs.get(n) or now, n) for n in engine.secrets)
         parts = [f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
         if failing:
             parts.append(f"{len(failing)} failing ({failing[0].secret}: {failing[0].error})")
@@ -210,9 +244,11 @@ class Daemon:
             log.error("reload refused: the running configuration stays in force", extra={"problems": exc.problems})
             self.notifier.ready(self._status_line())
             return
+        await self._stop_notifier()
         old_runtime, self._runtime, self.settings = self.runtime, runtime, new
         runtime.engine.on_change = self._changed_threadsafe
         old_runtime.close_connections()
+        self._start_notifier()
         setup_logging(new.daemon.log_level)
         self._arm_all(startup=False)
         log.info("configuration reloaded", extra={"secrets": len(new.secrets)})
@@ -227,6 +263,8 @@ class Daemon:
         if request.op == "reload":
             await self._reload()
             return {"reloaded": True}
+        if request.op in ("webhooks.list", "webhooks.replay"):
+            return await self._loop.run_in_executor(None, self._webhooks, request)
         return await self._loop.run_in_executor(None, self._handle_blocking, request, actor)
 
     def _handle_blocking(self, request: Request, actor: str) -> Any:
@@ -257,6 +295,22 @@ class Daemon:
         self._arm(request.name, engine.next_due(request.name, now) if not rot.active else now)
         self._tick(request.name)
         return self._status_of(request.name, self.clock.now())
+
+    def _webhooks(self, request: Request) -> Any:
+        notifier = self.runtime.notifier
+        if notifier is None:
+            raise UsageError("no consumers are configured, so there are no webhooks")
+        from ..notify.outbox import DeliveryFilter
+
+        if request.op == "webhooks.list":
+            flt = DeliveryFilter(consumer=request.consumer, status=request.status, webhook_id=request.webhook_id)
+            return {"deliveries": notifier.list_deliveries(flt), "endpoints": notifier.endpoints()}
+        if request.webhook_id is None and request.consumer is None:
+            raise UsageError("webhooks replay needs --id or --consumer")
+        since = parse_ts(request.since) if request.since else None
+        count = notifier.replay(request.webhook_id, consumer=request.consumer, since=since)
+        self._changed_threadsafe("")
+        return {"replayed": count}
 
     def _status_of(self, name: str, now: datetime) -> dict[str, Any]:
         status = secret_status(self.runtime.engine, name, now)

@@ -255,6 +255,18 @@ class Journal:
             ).first()
         return _rotation(row)
 
+    def latest_all(self) -> dict[str, RotationRow]:
+        """The latest rotation of every secret, in one query."""
+        newest = (
+            select(rotations.c.secret, func.max(rotations.c.version).label("v")).group_by(rotations.c.secret).subquery()
+        )
+        query = select(rotations).join(
+            newest, (rotations.c.secret == newest.c.secret) & (rotations.c.version == newest.c.v)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        return {r.secret: r for r in map(_rotation, rows) if r is not None}
+
     def all_active(self) -> list[RotationRow]:
         with self._tx() as conn:
             rows = conn.execute(select(rotations).where(rotations.c.status == ACTIVE)).all()
