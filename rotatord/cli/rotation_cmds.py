@@ -11,9 +11,6 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Settings
-from ..daemon.lock import StateLock
-from ..daemon.runtime import build_runtime
-from ..engine.report import history_report, secret_status
 from ..errors import DaemonNotRunning, StateError, UnknownSecret
 from ..timeutil import utcnow
 from .client import call_daemon
@@ -33,6 +30,10 @@ def rotate(args: argparse.Namespace) -> int:
     _require(settings, args.name)
     actor = "cli:offline" if args.offline else "cli"
     if args.offline:
+        from ..daemon.lock import StateLock
+        from ..daemon.runtime import build_runtime
+        from ..engine.report import secret_status
+
         with StateLock(settings.daemon.state_dir):
             runtime = build_runtime(settings)
             try:
@@ -88,6 +89,8 @@ def status(args: argparse.Namespace) -> int:
     try:
         rows = call_daemon(settings.daemon.socket_path, request)
     except DaemonNotRunning:
+        from ..engine.report import secret_status
+
         running = False
         rows = _offline(settings, lambda rt, n: secret_status(rt.engine, n, utcnow()), args.name)
     if args.json:
@@ -123,6 +126,8 @@ def history(args: argparse.Namespace) -> int:
     try:
         rows = call_daemon(settings.daemon.socket_path, {"op": "history", "name": args.name})
     except DaemonNotRunning:
+        from ..engine.report import history_report
+
         rows = _offline(settings, lambda rt, n: history_report(rt.engine, n), args.name)[0]
     if args.json:
         emit_json(rows)
@@ -149,6 +154,8 @@ def history(args: argparse.Namespace) -> int:
 def _offline(settings: Settings, fn: Any, name: str | None) -> list[Any]:
     if not settings.daemon.state_dir.exists():
         raise StateError(f"no state at {settings.daemon.state_dir}: run 'rotatord init', then 'rotatord run'")
+    from ..daemon.runtime import build_runtime
+
     runtime = build_runtime(settings)
     try:
         names = [name] if name else [s.name for s in settings.secrets]
