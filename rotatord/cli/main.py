@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("webhooks", parents=[common], help="webhook deliveries: list, replay")
+    hooks = p.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION", parser_class=_Parser)
+    w = hooks.add_parser("list", parents=[common], help="deliveries, newest first, and each consumer's state")
+    w.add_argument("--consumer")
+    w.add_argument("--status", choices=["pending", "delivered", "dead", "skipped"])
+    w.add_argument("--json", action="store_true")
+    w = hooks.add_parser("replay", parents=[common], help="send again, with the original webhook id")
+    w.add_argument("--id", dest="webhook_id", help="one delivery (msg_...)")
+    w.add_argument("--consumer", help="a consumer's dead deliveries")
+    w.add_argument("--since", help="with --consumer: only those created since (ISO 8601)")
+    w.add_argument("--json", action="store_true")
+
     p = sub.add_parser("audit", parents=[common], help="audit log tools")
     audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION", parser_class=_Parser)
     v = audit_sub.add_parser("verify", parents=[common], help="check the audit log's hash chain")
@@ -84,6 +96,7 @@ COMMANDS = {
     "history": "rotation_cmds:history",
     "audit": "audit_cmds:audit",
     "census": "data_cmds:census",
+    "webhooks": "webhook_cmds:webhooks",
     "reencrypt": "data_cmds:reencrypt",
 }
 

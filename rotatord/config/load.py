@@ -236,6 +236,10 @@ def cross_check(settings: Settings) -> list[str]:
         for c in s.consumers:
             if c not in settings.consumers:
                 problems.append(f"{at('consumers')}: consumer {c!r} is not defined under [consumers]")
+    if settings.consumers or settings.notify.allow:
+        from ..notify.ssrf import config_problems
+
+        problems.extend(config_problems(settings.consumers, settings.notify.allow))
     kinds = {s.name: s.kind for s in settings.secrets}
     for cname, consumer in settings.consumers.items():
         signing = consumer.signing_secret

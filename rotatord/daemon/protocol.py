@@ -18,6 +18,8 @@ __all__ = ["MAX_REQUEST", "OPS", "Request", "error_reply", "ok_reply", "parse_re
 MAX_REQUEST = 64 * 1024
 MAX_RESPONSE = 16 * 1024 * 1024
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+WEBHOOK_ID_RE = re.compile(r"^msg_[0-9a-f]{8,64}$")
+TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$")
 #: op -> {field: (type, required)}
 OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "ping": {},
@@ -27,6 +29,8 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "rollback": {"name": (str, True), "reason": (str, False)},
     "reload": {},
     "census": {"name": (str, True)},
+    "webhooks.list": {"consumer": (str, False), "status": (str, False), "webhook_id": (str, False)},
+    "webhooks.replay": {"consumer": (str, False), "webhook_id": (str, False), "since": (str, False)},
     "reencrypt": {"name": (str, True)},
 }
 
@@ -37,6 +41,10 @@ class Request:
     name: str | None = None
     emergency: bool = False
     reason: str | None = None
+    consumer: str | None = None
+    status: str | None = None
+    webhook_id: str | None = None
+    since: str | None = None
 
 
 def parse_request(line: bytes) -> Request:
@@ -64,12 +72,25 @@ def parse_request(line: bytes) -> Request:
         value = data[field]
         if not isinstance(value, typ):
             raise ControlError(f"{op}: field {field!r} must be {typ.__name__}")
-        if field == "name" and not (isinstance(value, str) and NAME_RE.match(value)):
+        if field in ("name", "consumer") and not (isinstance(value, str) and NAME_RE.match(value)):
             raise ControlError(f"{op}: field 'name' is not a valid secret name")
         if field == "reason" and isinstance(value, str) and (len(value) > 500 or any(ord(c) < 32 for c in value)):
             raise ControlError(f"{op}: field 'reason' must be one line of at most 500 characters")
+        if field == "webhook_id" and not (isinstance(value, str) and WEBHOOK_ID_RE.match(value)):
+            raise ControlError(f"{op}: field 'webhook_id' is not a webhook id (msg_<hex>)")
+        if field == "status" and value not in ("pending", "delivered", "dead", "skipped"):
+            raise ControlError(f"{op}: field 'status' must be pending, delivered, dead or skipped")
+        if field == "since" and not (isinstance(value, str) and TS_RE.match(value)):
+            raise ControlError(f"{op}: field 'since' must be an ISO 8601 timestamp with a timezone")
     return Request(
-        op=op, name=data.get("name"), emergency=bool(data.get("emergency", False)), reason=data.get("reason")
+        op=op,
+        name=data.get("name"),
+        emergency=bool(data.get("emergency", False)),
+        reason=data.get("reason"),
+        consumer=data.get("consumer"),
+        status=data.get("status"),
+        webhook_id=data.get("webhook_id"),
+        since=data.get("since"),
     )
 
 

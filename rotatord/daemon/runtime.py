@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..audit import AuditLog
 from ..backends.registry import open_backend
 from ..config import Settings
 from ..document import FernetRing
+from ..engine.gate import AckGate
 from ..engine.journal import Journal
 from ..engine.ledger import StoreLedger
 from ..engine.policy import RetryPolicy
@@ -18,6 +20,9 @@ from ..engine.runner import Engine
 from ..fsutil import ensure_private_dir
 from ..interfaces import Backend, DataStore, RotateBatch
 from ..timeutil import utcnow
+
+if TYPE_CHECKING:
+    from ..notify.worker import OutboxWorker
 
 __all__ = ["Runtime", "build_runtime"]
 
@@ -30,6 +35,7 @@ class Runtime:
     backends: dict[str, Backend]
     engine: Engine
     stores: dict[str, list[DataStore]]
+    notifier: OutboxWorker | None = None
 
     def close(self) -> None:
         self.close_connections()
@@ -83,7 +89,19 @@ def build_runtime(
         locks=locks,
         reencryptor=reencryptor,
     )
-    return Runtime(settings, journal, audit, backends, engine, stores)
+    notifier = None
+    if settings.consumers:
+        # aiohttp is imported only when someone is to be told.
+        from ..notify.worker import OutboxWorker
+
+        consumers = settings.consumers
+
+        def signing_secrets(consumer: str) -> list[str]:
+            return engine.signing_secrets(consumers[consumer].signing_secret)
+
+        notifier = OutboxWorker(journal, consumers, settings.notify, signing_secrets)
+        engine.gate = AckGate(notifier, settings.consumers, journal, settings.notify.on_unacknowledged)
+    return Runtime(settings, journal, audit, backends, engine, stores, notifier)
 
 
 def default_batch_rotator(ring: FernetRing) -> RotateBatch:

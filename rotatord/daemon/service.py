@@ -305,8 +305,8 @@ class Daemon:
         if request.op == "webhooks.list":
             flt = DeliveryFilter(consumer=request.consumer, status=request.status, webhook_id=request.webhook_id)
             return {"deliveries": notifier.list_deliveries(flt), "endpoints": notifier.endpoints()}
-        if request.webhook_id is None and request.consumer is None:
-            raise UsageError("webhooks replay needs --id or --consumer")
+        if (request.webhook_id is None) == (request.consumer is None):
+            raise UsageError("webhooks replay needs exactly one of --id and --consumer")
         since = parse_ts(request.since) if request.since else None
         count = notifier.replay(request.webhook_id, consumer=request.consumer, since=since)
         self._changed_threadsafe("")

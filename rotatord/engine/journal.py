@@ -124,7 +124,7 @@ outbox = Table(
     Column("consumer", String(64), nullable=False),
     Column("event_type", String(64), nullable=False),
     Column("payload", Text, nullable=False),
-    Column("status", String(16), nullable=False),  # pending | delivered | dead
+    Column("status", String(16), nullable=False),  # pending | delivered | skipped | dead
     Column("attempts", Integer, nullable=False, default=0),
     Column("created_at", UTCDateTime, nullable=False),
     Column("next_attempt_at", UTCDateTime),

@@ -203,6 +203,22 @@ class Engine:
             self._audit("reencrypt.forced", latest, actor=trigger, **moved.summary())
             return {"rotation": latest.version, "phase": latest.phase, **moved.summary()}
 
+    def signing_secrets(self, name: str) -> list[str]:
+        """The whsec_ values that sign webhooks for ``name``'s consumers: current, then previous
+        while still valid (dual signatures during a signing-secret rotation)."""
+        secret = self.setting(name)
+        if secret.kind != "webhook_secret":
+            raise UsageError(f"{name!r} is not a webhook_secret")
+        current = self.backends[secret.backend].read(secret.path)
+        creds = self._credentials(secret, current.document if current else None)
+        if creds is None:
+            return []
+        values = [creds.current.value.reveal()]
+        previous = creds.previous
+        if previous is not None and (previous.valid_until is None or previous.valid_until > utcnow()):
+            values.append(previous.value.reveal())
+        return values
+
     def resume(self, now: datetime) -> list[RotationRow]:
         """Every rotation left active by an earlier process (crash, restart, failover)."""
         return self.journal.all_active()
