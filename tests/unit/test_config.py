@@ -285,15 +285,21 @@ every = "30d"
 """
 
 
+def allowed(text: str) -> str:
+    return text.replace("allow = []", 'allow = ["support-bot.internal"]')
+
+
 def test_signing_secret_must_be_a_webhook_secret(tmp_path: Path) -> None:
-    message = only_problem(tmp_path, example() + CONSUMER.format(secret="demo-bot-api"))
+    message = only_problem(tmp_path, allowed(example()) + CONSUMER.format(secret="demo-bot-api"))
     assert message.startswith("consumers.support-bot.signing_secret: 'demo-bot-api' is of kind 'api_token'")
-    message = only_problem(tmp_path, example() + CONSUMER.format(secret="missing-secret"))
+    message = only_problem(tmp_path, allowed(example()) + CONSUMER.format(secret="missing-secret"))
     assert message.startswith("consumers.support-bot.signing_secret: 'missing-secret' is not a managed secret")
 
 
 def test_signing_secret_naming_a_webhook_secret_is_accepted(tmp_path: Path) -> None:
-    text = edited("consumers = []", 'consumers = ["support-bot"]') + CONSUMER.format(secret="support-bot-webhook")
+    text = allowed(edited("consumers = []", 'consumers = ["support-bot"]')) + CONSUMER.format(
+        secret="support-bot-webhook"
+    )
     settings = load_settings(write(tmp_path, text + WEBHOOK_SECRET))
     consumer = settings.consumers["support-bot"]
     assert (consumer.signing_secret, consumer.required, consumer.timeout) == (
@@ -302,6 +308,28 @@ def test_signing_secret_naming_a_webhook_secret_is_accepted(tmp_path: Path) -> N
         timedelta(seconds=15),
     )
     assert settings.secrets[0].consumers == ("support-bot",)
+
+
+def test_consumer_outside_the_allowlist_is_refused(tmp_path: Path) -> None:
+    text = edited("consumers = []", 'consumers = ["support-bot"]') + CONSUMER.format(secret="support-bot-webhook")
+    message = only_problem(tmp_path, text + WEBHOOK_SECRET)
+    assert message.startswith("consumers.support-bot.url: host 'support-bot.internal' is not in notify.allow")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ftp://support-bot.internal/hooks", "consumers.support-bot.url: "),
+        ("https://user:pw@support-bot.internal/hooks", "consumers.support-bot.url: "),
+        ("http://169.254.169.254/latest", "consumers.support-bot.url: "),
+    ],
+)
+def test_bad_consumer_urls_are_refused(tmp_path: Path, url: str, expected: str) -> None:
+    text = allowed(edited("consumers = []", 'consumers = ["support-bot"]'))
+    text += CONSUMER.format(secret="support-bot-webhook").replace("https://support-bot.internal/hooks/rotatord", url)
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text + WEBHOOK_SECRET))
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
 
 
 def test_token_prefix_on_a_fernet_secret(tmp_path: Path) -> None:
