@@ -93,8 +93,9 @@ def status(args: argparse.Namespace) -> int:
 
         running = False
         rows = _offline(settings, lambda rt, n: secret_status(rt.engine, n, utcnow()), args.name)
+    webhooks = _webhook_summary(settings) if running and settings.consumers else None
     if args.json:
-        emit_json({"daemon": {"running": running}, "secrets": rows})
+        emit_json({"daemon": {"running": running}, "secrets": rows, "webhooks": webhooks})
         return 0
     now = utcnow()
     headers = ["SECRET", "KIND", "VERSION", "PHASE", "STATE", "ROTATED", "NEXT ROTATION", "NEXT STEP"]
@@ -115,9 +116,18 @@ def status(args: argparse.Namespace) -> int:
     for r in rows:
         if r.get("error"):
             out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
+    if webhooks is not None:
+        failing = [e["consumer"] for e in webhooks["endpoints"] if e["failing"] or e["disabled"]]
+        line = f"webhooks: {webhooks['pending']} pending, {len(webhooks['dead'])} dead-lettered"
+        out(line + (f"; failing: {', '.join(failing)}" if failing else ""))
     if not running:
         out("daemon: not running (read from the state database)")
     return 0
+
+
+def _webhook_summary(settings: Settings) -> dict[str, Any]:
+    result = call_daemon(settings.daemon.socket_path, {"op": "webhooks.list", "status": "dead"})
+    return {"pending": result["pending"], "dead": result["deliveries"], "endpoints": result["endpoints"]}
 
 
 def history(args: argparse.Namespace) -> int:

@@ -304,7 +304,11 @@ class Daemon:
 
         if request.op == "webhooks.list":
             flt = DeliveryFilter(consumer=request.consumer, status=request.status, webhook_id=request.webhook_id)
-            return {"deliveries": notifier.list_deliveries(flt), "endpoints": notifier.endpoints()}
+            return {
+                "deliveries": notifier.list_deliveries(flt),
+                "endpoints": notifier.endpoints(),
+                "pending": notifier.pending_count(),
+            }
         if (request.webhook_id is None) == (request.consumer is None):
             raise UsageError("webhooks replay needs exactly one of --id and --consumer")
         since = parse_ts(request.since) if request.since else None

@@ -73,8 +73,24 @@ class Reencryptor:
         Raises StepInterrupted when the daemon stops mid-pass and ReencryptionIncomplete when
         items remain after MAX_PASSES passes in this attempt (the engine retries with backoff).
         """
-        identify = KeyIdentifier(ring).identify
         rotate = self.batch_rotator(ring)
+        try:
+            return self._move(secret, rotation_id, step, ring, stores, rotate)
+        finally:
+            close = getattr(rotate, "close", None)
+            if close is not None:  # worker processes hold key material: never leave them behind
+                close()
+
+    def _move(
+        self,
+        secret: str,
+        rotation_id: int,
+        step: str,
+        ring: FernetRing,
+        stores: Sequence[DataStore],
+        rotate: RotateBatch,
+    ) -> MoveResult:
+        identify = KeyIdentifier(ring).identify
         first = self._first_open_pass(rotation_id, step, stores)
         reports: list[ReencryptReport] = []
         censuses: list[Census] = []

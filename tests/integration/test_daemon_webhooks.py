@@ -50,12 +50,15 @@ def receivers() -> Iterator[ReceiverServer]:
         yield server
 
 
-def _config(tmp_path: Path, socket_dir: str, receivers: ReceiverServer) -> Path:
+def _config(
+    tmp_path: Path, socket_dir: str, receivers: ReceiverServer, propagation: str = "1h", policy: str = "promote"
+) -> Path:
     config = write_config(
         tmp_path,
         socket_dir,
         {
-            'propagation = "1s"': 'propagation = "1h"',  # only the bot's acknowledgement can promote early
+            'propagation = "1s"': f'propagation = "{propagation}"',
+            'on_unacknowledged = "promote"': f'on_unacknowledged = "{policy}"',
             "consumers = []": 'consumers = ["bot"]',
             "allow = []": 'allow = ["127.0.0.1/32"]',
             'retry_schedule = ["0s", "5s", "5m", "30m", "2h", "5h", "10h", "10h"]': (
@@ -102,6 +105,8 @@ def test_required_ack_promotes_and_every_request_verifies(
         )
         listing = cli(config, "webhooks", "list", "--json")
         assert listing.returncode == 0, listing.stderr
+        status = json.loads(cli(config, "status", "--json").stdout)
+        assert [e["consumer"] for e in status["webhooks"]["endpoints"]] == ["bot"]
         seen |= materials(read_doc(config, "local", "bots/demo-bot/db-key"))
         assert daemon.stop() == 0
     finally:
@@ -157,3 +162,32 @@ def test_pending_deliveries_survive_sigkill_with_their_ids(
     for r in receivers.requests("bot"):
         by_id.setdefault(r.webhook_id, set()).add(json.loads(r.body)["type"])
     assert all(len(types) == 1 for types in by_id.values())
+
+
+def test_hold_policy_keeps_the_key_staged_until_the_bot_acknowledges(
+    tmp_path: Path, socket_dir: str, notify: NotifyListener, receivers: ReceiverServer
+) -> None:
+    config = _config(tmp_path, socket_dir, receivers, propagation="1s", policy="hold")
+    receivers.endpoint("bot", behaviour=Behaviour(then=503))  # the bot does not acknowledge
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", notify)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: all(s["state"] == "done" for s in status_json(config).values()), what="all created")
+        assert cli(config, "rotate", "demo-bot-db").returncode == 0
+        held = wait_until(
+            lambda: (s := status_json(config)["demo-bot-db"])["error"] and "holding at staged" in s["error"] and s,
+            timeout=30,
+            what="the rotation to hold at staged",
+        )
+        assert held["phase"] == "staged"
+        ring = read_doc(config, "local", "bots/demo-bot/db-key")
+        assert ring is not None and getattr(ring, "primary", None) == "v1"  # the old primary stays in force
+        hooks = read_doc(config, "local", "bots/demo-bot/webhook")
+        assert isinstance(hooks, CredentialSet)
+        receivers.endpoint("bot", secrets=[hooks.current.value.reveal()])  # now it acknowledges
+        wait_until(
+            lambda: status_json(config)["demo-bot-db"]["phase"] != "staged", timeout=30, what="promotion after the ack"
+        )
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()

@@ -1,0 +1,317 @@
+"""What every data store shares: the batch loop, checkpoints carrying running totals, the rate limit.
+
+A store reads its items in :class:`Batch` objects (one token per item, plus a store-specific
+*handle* saying where the item lives and what it held) and writes with its own compare-and-swap.
+:func:`run_reencrypt` does the rest, the same way for every store:
+
+1. classify each token with ``identify``: under the primary -> skipped, never decrypted; signed by
+   no key of the ring -> quarantined; otherwise -> re-encrypted;
+2. re-encrypt with ``rotate`` on a helper thread (``rotate`` may fan out to worker processes),
+   while the main thread reads and classifies the next batch and writes the previous one, so the
+   crypto workers never wait for the database and the database never waits for the crypto;
+3. write back with the store's compare-and-swap; an item changed meanwhile is a *conflict*:
+   counted, left alone, picked up by a later pass;
+4. report quarantined items, then checkpoint (position + cumulative totals) and stop early if
+   the daemon is stopping.
+
+When ``rotate`` also offers ``classify_rotate`` (:class:`ClassifyRotate`, as
+:class:`rotatord.crypto.parallel.BatchRotator` does), steps 1 and 2 happen together in its
+worker processes: each token's HMAC is then checked once instead of twice and the main thread
+is left with the I/O.  ``identify`` is not called on that path; the rotator's ring must be the
+one ``identify`` was built from (the engine builds both from the ring it read).
+
+Batches are committed strictly in read order, so a checkpoint always means "everything up to
+here was processed"; at most :data:`PIPELINE_DEPTH` + 1 batches are in memory at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar, runtime_checkable
+
+from ..errors import StoreError
+from ..interfaces import Census, Identify, Progress, ReencryptReport, RotateBatch
+
+__all__ = [
+    "PIPELINE_DEPTH",
+    "Batch",
+    "ClassifyRotate",
+    "Pacer",
+    "TokenBucket",
+    "Totals",
+    "count_census",
+    "decode_checkpoint",
+    "encode_checkpoint",
+    "run_reencrypt",
+]
+
+H = TypeVar("H")
+
+#: Batches whose re-encryption may be in flight at once.  Two keep the worker processes busy
+#: while the main thread writes one batch and reads the next.
+PIPELINE_DEPTH = 2
+UNSIGNED = "not a Fernet token of any key in the ring (corrupt, truncated or foreign)"
+UNDECRYPTABLE = "signed by a key of the ring but cannot be decrypted"
+
+
+@dataclass
+class Batch(Generic[H]):
+    """Items read together.  ``tokens[i]`` is what ``handles[i]`` held, as bytes; ``cursor`` is a
+    JSON-ready position such that resuming after it continues with the next batch."""
+
+    handles: list[H]
+    tokens: list[bytes]
+    cursor: object
+
+
+@runtime_checkable
+class ClassifyRotate(Protocol):
+    """A RotateBatch that can also identify: per token ``(signing key id or None, new token or
+    None)``, the new token None for items under ``primary_id``, unsigned or undecryptable."""
+
+    def __call__(self, tokens: Sequence[bytes]) -> list[bytes | None]: ...
+
+    def classify_rotate(self, tokens: Sequence[bytes], primary_id: str) -> list[tuple[str | None, bytes | None]]: ...
+
+
+@dataclass
+class Totals:
+    """Running counts, cumulative across resumes (they travel inside the checkpoint)."""
+
+    scanned: int = 0
+    rewritten: int = 0
+    skipped: int = 0
+    conflicts: int = 0
+    quarantined: int = 0
+
+    def as_list(self) -> list[int]:
+        return [self.scanned, self.rewritten, self.skipped, self.conflicts, self.quarantined]
+
+    def report(self, store: str) -> ReencryptReport:
+        return ReencryptReport(store, *self.as_list())
+
+
+def encode_checkpoint(cursor: object, totals: Totals) -> str:
+    """The opaque checkpoint string: a store position and the totals so far.  Never a value."""
+    return json.dumps({"v": 1, "at": cursor, "n": totals.as_list()}, separators=(",", ":"))
+
+
+def decode_checkpoint(label: str, checkpoint: str | None) -> tuple[object, Totals]:
+    """``(cursor, totals)`` from :func:`encode_checkpoint`; ``(None, zeros)`` for no checkpoint.
+    Raises StoreError naming the store for a string this module did not produce."""
+    if checkpoint is None:
+        return None, Totals()
+    try:
+        data = json.loads(checkpoint)
+        counts = data["n"]
+        if data.get("v") != 1 or len(counts) != 5 or not all(isinstance(n, int) and n >= 0 for n in counts):
+            raise ValueError("bad shape")
+        return data["at"], Totals(*counts)
+    except (ValueError, TypeError, KeyError):
+        raise StoreError(f"{label}: the checkpoint is not one this store wrote; restart the step") from None
+
+
+class TokenBucket:
+    """At most ``rate`` items per second on average, bursts up to one second's worth.
+
+    Time is a parameter: :meth:`reserve` takes ``now`` (monotonic seconds) and returns how long to
+    wait before handling ``n`` items.  A reservation larger than the bucket runs it into debt, so
+    batches bigger than ``rate`` still average out to ``rate``.
+    """
+
+    def __init__(self, rate: float, now: float) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self._tokens = self.capacity
+        self._last = now
+
+    def reserve(self, n: int, now: float) -> float:
+        elapsed = max(0.0, now - self._last)
+        self._last = max(self._last, now)
+        self._tokens = min(self.capacity, self._tokens + elapsed * self.rate) - n
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class Pacer:
+    """Applies a :class:`TokenBucket` with a clock and a sleep function (both parameters).
+
+    Waits in slices so that a stopping daemon is not held by a slow rate limit.
+    """
+
+    SLICE = 0.25
+
+    def __init__(
+        self, rate: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._bucket = TokenBucket(rate, clock())
+
+    def wait(self, n: int, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Wait until ``n`` more items are allowed; False if ``should_stop`` became true first."""
+        now = self._clock()
+        deadline = now + self._bucket.reserve(n, now)
+        while (remaining := deadline - self._clock()) > 0:
+            if should_stop():
+                return False
+            self._sleep(min(remaining, self.SLICE))
+        return True
+
+
+def count_census(
+    store: str, token_batches: Iterable[Sequence[bytes]], identify: Identify, pacer: Pacer | None = None
+) -> Census:
+    """Count tokens per signing key id; ``None`` from ``identify`` counts as unreadable."""
+    by_key: dict[str, int] = {}
+    unreadable = 0
+    for tokens in token_batches:
+        if pacer is not None:
+            pacer.wait(len(tokens))
+        for token in tokens:
+            key_id = identify(token)
+            if key_id is None:
+                unreadable += 1
+            else:
+                by_key[key_id] = by_key.get(key_id, 0) + 1
+    return Census(store, by_key, unreadable)
+
+
+@dataclass
+class _Plan:
+    """What became of each item of a batch, once its re-encryption is known."""
+
+    skipped: int = 0
+    rotate: list[int] = field(default_factory=list)
+    unsigned: list[int] = field(default_factory=list)
+
+
+def _classify(tokens: Sequence[bytes], identify: Identify, primary_id: str) -> _Plan:
+    plan = _Plan()
+    rotate, unsigned = plan.rotate, plan.unsigned
+    for index, token in enumerate(tokens):
+        key_id = identify(token)
+        if key_id == primary_id:
+            plan.skipped += 1
+        elif key_id is None:
+            unsigned.append(index)
+        else:
+            rotate.append(index)
+    return plan
+
+
+Outcome = tuple[_Plan, list[bytes | None]]
+
+
+def _identify_then_rotate(
+    tokens: list[bytes], identify: Identify, rotate: RotateBatch, primary_id: str
+) -> Callable[[], Outcome]:
+    """Classify now (main thread), re-encrypt on the helper thread; the result waits for both."""
+    plan = _classify(tokens, identify, primary_id)
+    if not plan.rotate:
+        return lambda: (plan, [])
+    return lambda: (plan, rotate([tokens[i] for i in plan.rotate]))
+
+
+def _fused(tokens: list[bytes], rotate: ClassifyRotate, primary_id: str) -> Outcome:
+    plan = _Plan()
+    news: list[bytes | None] = []
+    for index, (key_id, new) in enumerate(rotate.classify_rotate(tokens, primary_id)):
+        if key_id == primary_id:
+            plan.skipped += 1
+        elif key_id is None:
+            plan.unsigned.append(index)
+        else:
+            plan.rotate.append(index)
+            news.append(new)
+    return plan, news
+
+
+@dataclass
+class _InFlight(Generic[H]):
+    batch: Batch[H]
+    outcome: Future[Outcome]
+
+
+def run_reencrypt(
+    *,
+    label: str,
+    batches: Iterator[Batch[H]],
+    write: Callable[[list[H], list[bytes]], int],
+    locate: Callable[[H], str],
+    rotate: RotateBatch,
+    identify: Identify,
+    primary_id: str,
+    progress: Progress,
+    totals: Totals,
+    pacer: Pacer | None = None,
+) -> ReencryptReport:
+    """The loop described in the module docstring.
+
+    ``write(handles, new_tokens)`` stores each new token where its handle says, only if the
+    item still holds what the handle recorded, and returns how many it wrote; ``locate(handle)``
+    names an item for the quarantine (never its content).  ``totals`` is updated in place.
+    """
+    fused = rotate if isinstance(rotate, ClassifyRotate) else None
+    inflight: deque[_InFlight[H]] = deque()
+    with ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="rotatord-rotate") as pool:
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(inflight) < PIPELINE_DEPTH:
+                    batch = next(batches, None)
+                    if batch is None or (pacer and not pacer.wait(len(batch.tokens), progress.should_stop)):
+                        exhausted = True
+                        break
+                    if fused is not None:
+                        outcome = pool.submit(_fused, batch.tokens, fused, primary_id)
+                    else:
+                        outcome = pool.submit(_identify_then_rotate(batch.tokens, identify, rotate, primary_id))
+                    inflight.append(_InFlight(batch, outcome))
+                if not inflight:
+                    break
+                _commit(label, inflight.popleft(), write, locate, progress, totals)
+                if progress.should_stop():
+                    break
+        finally:
+            # Batches read ahead are dropped unwritten: the checkpoint does not cover them.
+            pool.shutdown(wait=True, cancel_futures=True)
+    return totals.report(label)
+
+
+def _commit(
+    label: str,
+    current: _InFlight[H],
+    write: Callable[[list[H], list[bytes]], int],
+    locate: Callable[[H], str],
+    progress: Progress,
+    totals: Totals,
+) -> None:
+    batch = current.batch
+    plan, results = current.outcome.result()
+    if len(results) != len(plan.rotate):
+        raise ValueError("rotate returned a different number of tokens than it was given")
+    quarantine = [(index, UNSIGNED) for index in plan.unsigned]
+    handles: list[H] = []
+    news: list[bytes] = []
+    for index, new in zip(plan.rotate, results, strict=True):
+        if new is None:
+            quarantine.append((index, UNDECRYPTABLE))
+        else:
+            handles.append(batch.handles[index])
+            news.append(new)
+    written = write(handles, news) if handles else 0
+    for index, reason in sorted(quarantine):
+        progress.quarantine(locate(batch.handles[index]), reason)
+    totals.scanned += len(batch.tokens)
+    totals.rewritten += written
+    totals.skipped += plan.skipped
+    totals.conflicts += len(handles) - written
+    totals.quarantined += len(quarantine)
+    progress.checkpoint(encode_checkpoint(batch.cursor, totals), totals.report(label))

@@ -1,0 +1,337 @@
+"""Store pieces that need no server: the registry, the rate limit, checkpoints, the files store's
+walk and rewrites, SQLite-only key types.  The contract suite covers behaviour shared by all."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+from cryptography.fernet import Fernet
+
+from rotatord.config.model import FilesStoreSettings, SqlStoreSettings, StoreSettings
+from rotatord.crypto.keyring import KeyIdentifier
+from rotatord.document import FernetKey, FernetRing
+from rotatord.errors import ConfigError, StoreError
+from rotatord.interfaces import DataStore, Progress, ReencryptReport
+from rotatord.sensitive import Sensitive
+from rotatord.stores.batch import Pacer, TokenBucket, Totals, decode_checkpoint, encode_checkpoint
+from rotatord.stores.files import MAX_TOKEN_FILE, FilesStore, GlobPattern
+from rotatord.stores.registry import STORES, label_prefix, open_store, store_class
+from rotatord.stores.sql import SqlStore
+
+T0 = datetime(2025, 1, 6, tzinfo=UTC)
+STAMP = 1_700_000_000
+
+
+class Recorder(Progress):
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after = stop_after
+        self.checkpoints: list[str] = []
+        self.quarantined: list[tuple[str, str]] = []
+
+    def checkpoint(self, checkpoint: str, totals: ReencryptReport) -> None:
+        self.checkpoints.append(checkpoint)
+
+    def quarantine(self, locator: str, reason: str) -> None:
+        self.quarantined.append((locator, reason))
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and len(self.checkpoints) >= self.stop_after
+
+
+MATERIAL = {"v1": Fernet.generate_key(), "v2": Fernet.generate_key()}
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Fernet]:
+    return {key_id: Fernet(material) for key_id, material in MATERIAL.items()}
+
+
+@pytest.fixture(scope="module")
+def ring() -> FernetRing:
+    return FernetRing(
+        "bot-db",
+        2,
+        "v2",
+        (
+            FernetKey("v1", Sensitive(MATERIAL["v1"].decode()), "decrypt_only", T0 - timedelta(days=30)),
+            FernetKey("v2", Sensitive(MATERIAL["v2"].decode()), "primary", T0),
+        ),
+        T0,
+    )
+
+
+def rotate_with(ring: FernetRing) -> Any:
+    from rotatord.crypto.parallel import BatchRotator
+
+    return BatchRotator(ring, 1)
+
+
+# -- registry -------------------------------------------------------------------------------
+
+
+def test_registry_covers_every_configured_kind() -> None:
+    union = get_args(get_args(StoreSettings)[0])
+    kinds = {get_args(member.model_fields["kind"].annotation)[0] for member in union}
+    assert set(STORES) == kinds
+    for kind in kinds:
+        assert issubclass(store_class(kind), DataStore)
+        assert store_class(kind).kind == kind
+    with pytest.raises(ConfigError, match="unknown store kind 'nfs'"):
+        store_class("nfs")
+
+
+def test_open_store_labels_by_secret_and_index_without_reading_the_url(tmp_path: Path) -> None:
+    settings = SqlStoreSettings(
+        kind="sql", url_file=tmp_path / "missing-url", table="messages", key=("id",), columns=("body", "title")
+    )
+    store = open_store("support-bot-db", 2, settings)  # the missing URL file is not read yet
+    assert isinstance(store, SqlStore)
+    assert store.label == f"{label_prefix('support-bot-db', 2)}:sql:messages(body,title)"
+    assert store.label.startswith("support-bot-db.stores[2]")
+    with pytest.raises(ConfigError, match="url"):
+        store.check()
+    files = open_store("x", 0, FilesStoreSettings(kind="files", directory=tmp_path, pattern="*.tok"))
+    assert isinstance(files, FilesStore)
+    assert files.label == f"x.stores[0]:files:{tmp_path}/*.tok"
+
+
+# -- rate limit and checkpoints -------------------------------------------------------------
+
+
+def test_token_bucket_averages_to_the_rate() -> None:
+    bucket = TokenBucket(100.0, now=0.0)
+    assert bucket.reserve(60, 0.0) == 0.0
+    assert bucket.reserve(40, 0.0) == 0.0  # a full second's burst
+    assert bucket.reserve(50, 0.0) == pytest.approx(0.5)
+    assert bucket.reserve(50, 0.5) == pytest.approx(0.5)  # the debt was paid by the wait
+    assert bucket.reserve(10, 10.0) == 0.0  # refilled, but never beyond one second's worth
+    assert bucket.reserve(95, 10.0) == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        TokenBucket(0, now=0.0)
+
+
+def test_pacer_sleeps_in_slices_and_gives_way_to_a_stop() -> None:
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    pacer = Pacer(2.0, clock=lambda: now[0], sleep=sleep)
+    assert pacer.wait(2)
+    assert pacer.wait(4)
+    assert sum(sleeps) == pytest.approx(2.0)
+    assert max(sleeps) <= Pacer.SLICE
+    stopping = iter([False, False, True])
+    assert not pacer.wait(10, lambda: next(stopping))
+    assert sum(sleeps) == pytest.approx(2.5)  # gave up after two slices
+
+
+def test_checkpoints_carry_position_and_totals() -> None:
+    totals = Totals(scanned=10, rewritten=7, skipped=2, conflicts=1, quarantined=0)
+    text = encode_checkpoint([3, "b"], totals)
+    assert decode_checkpoint("s", text) == ([3, "b"], totals)
+    assert decode_checkpoint("s", None) == (None, Totals())
+    for bad in ("", "{}", '{"v":1,"at":null,"n":[1,2]}', '{"v":2,"at":null,"n":[0,0,0,0,0]}', "[1]"):
+        with pytest.raises(StoreError, match=r"^s: "):
+            decode_checkpoint("s", bad)
+
+
+# -- files: glob ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("*.tok", "a.tok", True),
+        ("*.tok", "sub/a.tok", False),
+        ("*.tok", ".hidden.tok", False),
+        (".*.tok", ".hidden.tok", True),
+        ("**/*.tok", "a.tok", True),
+        ("**/*.tok", "x/y/z/a.tok", True),
+        ("**/*.tok", ".git/a.tok", False),
+        ("**/*", "deep/er/file", True),
+        ("sub/*/t?.tok", "sub/x/t1.tok", True),
+        ("sub/*/t?.tok", "sub/x/t12.tok", False),
+        ("sub/*/t?.tok", "other/x/t1.tok", False),
+        ("[ab]*.tok", "b1.tok", True),
+        ("[ab]*.tok", "c1.tok", False),
+        ("tokens/**", "tokens/a/b", True),
+    ],
+)
+def test_glob_pattern_follows_glob_conventions(pattern: str, path: str, matches: bool) -> None:
+    assert GlobPattern(pattern).matches(path) is matches
+
+
+@pytest.mark.parametrize("pattern", ["/etc/*", "../*", "a//b", "a/./b"])
+def test_glob_pattern_refuses_escaping_patterns(pattern: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        GlobPattern(pattern)
+    store = FilesStore("t", FilesStoreSettings(kind="files", directory=tmp_path, pattern=pattern))
+    with pytest.raises(StoreError, match="pattern must be relative"):
+        store.check()
+
+
+# -- files: walk and rewrite ----------------------------------------------------------------
+
+
+def files_store(directory: Path, pattern: str = "**/*.tok", batch_size: int = 3) -> FilesStore:
+    return FilesStore(
+        "t", FilesStoreSettings(kind="files", directory=directory, pattern=pattern, batch_size=batch_size)
+    )
+
+
+def test_files_keep_newline_convention_mode_and_owner(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing
+) -> None:
+    contents = {
+        "lf.tok": keys["v1"].encrypt_at_time(b"lf", STAMP) + b"\n",
+        "crlf.tok": keys["v1"].encrypt_at_time(b"crlf", STAMP) + b"\r\n",
+        "bare.tok": keys["v1"].encrypt_at_time(b"bare", STAMP),
+    }
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    os.chmod(tmp_path / "lf.tok", 0o640)
+    owner = (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(tmp_path / "lf.tok", *owner)
+    with rotate_with(ring) as rotate:
+        report = files_store(tmp_path).reencrypt(rotate, KeyIdentifier(ring), "v2", None, Recorder())
+    assert report.rewritten == 3
+    for name, suffix in (("lf.tok", b"\n"), ("crlf.tok", b"\r\n"), ("bare.tok", b"")):
+        data = (tmp_path / name).read_bytes()
+        body = data[: len(data) - len(suffix)]
+        assert data.endswith(suffix)
+        assert not body.endswith(b"\n")
+        assert keys["v2"].decrypt(body) == name.split(".")[0].encode()
+    st = (tmp_path / "lf.tok").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert (st.st_uid, st.st_gid) == owner
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rotatord-")]  # no temp file left
+
+
+def test_files_follow_links_to_files_and_skip_what_is_not_a_file(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "real.tok").write_bytes(keys["v1"].encrypt(b"via link"))
+    root = tmp_path / "store"
+    (root / "sub").mkdir(parents=True)
+    (root / "link.tok").symlink_to(outside / "real.tok")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)  # not descended into
+    (root / "dangling.tok").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(root / "sub" / "fifo.tok")  # opening it would block: must be skipped
+    (root / ".rotatord-left.tmp.tok").write_bytes(b"garbage")  # a temp file of ours: ignored
+    identify = KeyIdentifier(ring)
+    census = files_store(root).census(identify)
+    assert (census.by_key, census.unreadable) == ({"v1": 1}, 0)
+    done = threading.Event()
+    with rotate_with(ring) as rotate:
+
+        def run() -> None:
+            files_store(root).reencrypt(rotate, identify, "v2", None, Recorder())
+            done.set()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+    assert done.is_set()
+    assert (root / "link.tok").is_symlink()
+    assert keys["v2"].decrypt((outside / "real.tok").read_bytes()) == b"via link"
+
+
+def test_files_resume_in_sorted_order_across_directories(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing
+) -> None:
+    names = ["a.tok", "b/a.tok", "b/c/a.tok", "b/c/b.tok", "b/d.tok", "ba.tok", "c/z.tok"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(keys["v1"].encrypt(name.encode()))
+    identify = KeyIdentifier(ring)
+    done: list[str] = []
+    checkpoint = None
+    with rotate_with(ring) as rotate:
+        for _ in range(len(names)):
+            progress = Recorder(stop_after=1)
+            report = files_store(tmp_path, batch_size=2).reencrypt(rotate, identify, "v2", checkpoint, progress)
+            if not progress.checkpoints:
+                break
+            checkpoint = progress.checkpoints[-1]
+            done = [n for n in names if identify((tmp_path / n).read_bytes()) == "v2"]
+            assert done == names[: len(done)]  # strictly in walk order, batch by batch
+    assert done == names
+    assert report.rewritten == len(names)
+
+
+def test_files_too_large_to_be_a_token_are_quarantined_unread(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing
+) -> None:
+    big = tmp_path / "big.tok"
+    big.write_bytes(b"A" * (MAX_TOKEN_FILE + 10))
+    (tmp_path / "ok.tok").write_bytes(keys["v1"].encrypt(b"ok"))
+    progress = Recorder()
+    with rotate_with(ring) as rotate:
+        report = files_store(tmp_path).reencrypt(rotate, KeyIdentifier(ring), "v2", None, progress)
+    assert (report.rewritten, report.quarantined) == (1, 1)
+    assert progress.quarantined[0][0] == str(big)
+    assert big.stat().st_size == MAX_TOKEN_FILE + 10
+
+
+def test_files_a_replaced_file_is_a_conflict(tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing) -> None:
+    target = tmp_path / "one.tok"
+    target.write_bytes(keys["v1"].encrypt(b"before"))
+    bot = keys["v1"].encrypt(b"bot")
+    with rotate_with(ring) as inner:
+
+        def rotate(tokens: Any) -> list[bytes | None]:
+            (tmp_path / "new").write_bytes(bot)
+            os.replace(tmp_path / "new", target)  # the bot writes after the store read the file
+            return list(inner(tokens))
+
+        report = files_store(tmp_path).reencrypt(rotate, KeyIdentifier(ring), "v2", None, Recorder())
+    assert (report.rewritten, report.conflicts) == (0, 1)
+    assert target.read_bytes() == bot
+
+
+# -- SQLite-only key types ------------------------------------------------------------------
+
+
+def test_sql_keys_of_other_types_resume_exactly(tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing) -> None:
+    db = tmp_path / "bots.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE m (at DATETIME NOT NULL, tag BLOB NOT NULL, body TEXT, PRIMARY KEY (at, tag))")
+    rows = [
+        ((T0 + timedelta(minutes=i // 2)).strftime("%Y-%m-%d %H:%M:%S.%f"), bytes([i]), keys["v1"].encrypt(b"%d" % i))
+        for i in range(9)
+    ]
+    conn.executemany("INSERT INTO m VALUES (?, ?, ?)", [(a, t, b.decode()) for a, t, b in rows])
+    conn.commit()
+    conn.close()
+    url = tmp_path / "url"
+    url.write_text(f"sqlite:///{db}")
+    url.chmod(0o600)
+    settings = SqlStoreSettings(
+        kind="sql", url_file=url, table="m", key=("at", "tag"), columns=("body",), batch_size=2, rate_limit=None
+    )
+    checkpoint = None
+    with rotate_with(ring) as rotate:
+        for _ in range(10):
+            progress = Recorder(stop_after=1)
+            report = SqlStore("t", settings).reencrypt(rotate, KeyIdentifier(ring), "v2", checkpoint, progress)
+            if not progress.checkpoints:
+                break
+            checkpoint = progress.checkpoints[-1]
+    assert (report.rewritten, report.conflicts) == (9, 0)
+    conn = sqlite3.connect(db)
+    bodies = [r[0] for r in conn.execute("SELECT body FROM m ORDER BY at, tag")]
+    conn.close()
+    assert [keys["v2"].decrypt(b.encode()) for b in bodies] == [b"%d" % i for i in range(9)]
+    assert SqlStore("t", settings).estimate() == 9
