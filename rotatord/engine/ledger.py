@@ -6,6 +6,8 @@ Holds locators (primary keys, paths, Redis keys) and counts, never a ciphertext 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -248,6 +250,9 @@ class JournalProgress(Progress):
             estimate=self.estimate,
             now=self._clock(),
         )
+        # Test-only: die right after a committed batch, to prove a restart resumes mid-store.
+        if "reencrypt.batch" in os.environ.get("ROTATORD_TEST_CRASH_AT", "").split(","):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def quarantine(self, locator: str, reason: str) -> None:
         if self.ledger.quarantine(self.secret, self.rotation_id, self.store, locator, reason, self._clock()):
