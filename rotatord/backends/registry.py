@@ -6,13 +6,13 @@ boto3: each SDK is imported by its own backend module, and only when that kind i
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Final, cast
 
 from ..config.model import BackendSettings
 from ..errors import ConfigError
 from ..interfaces import Backend
+from ..registry import import_registered
 
 __all__ = ["BACKENDS", "backend_class", "open_backend"]
 
@@ -25,28 +25,8 @@ BACKENDS: Final[Mapping[str, str]] = {
 
 
 def backend_class(kind: str) -> type[Backend]:
-    """Import the implementation registered for ``kind``.
-
-    Raises ConfigError for an unknown kind, or for a known kind whose optional SDK is missing.
-    """
-    target = BACKENDS.get(kind)
-    if target is None:
-        known = ", ".join(sorted(BACKENDS))
-        raise ConfigError(f"unknown backend kind {kind!r} (expected one of: {known})")
-    module_name, _, attribute = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        # Only a missing third-party SDK lands here; a broken rotatord module is a bug and propagates.
-        if (exc.name or "").startswith("rotatord"):
-            raise
-        raise ConfigError(
-            f"backend kind {kind!r} needs the package {exc.name!r}, which is not installed (install rotatord[{kind}])"
-        ) from None
-    cls = getattr(module, attribute)
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise TypeError(f"{target} is not a Backend subclass")
-    return cls
+    """Import the implementation registered for ``kind`` (ConfigError if unknown or its SDK is missing)."""
+    return cast(type[Backend], import_registered(BACKENDS, kind, Backend, "backend"))
 
 
 def open_backend(name: str, settings: BackendSettings) -> Backend:

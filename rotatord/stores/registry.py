@@ -6,13 +6,13 @@ imports redis: each SDK is imported by its own store module, and only when that 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Final, cast
 
 from ..config.model import StoreSettings
 from ..errors import ConfigError
 from ..interfaces import DataStore
+from ..registry import import_registered
 
 __all__ = ["STORES", "label_prefix", "open_store", "store_class"]
 
@@ -25,28 +25,8 @@ STORES: Final[Mapping[str, str]] = {
 
 
 def store_class(kind: str) -> type[DataStore]:
-    """Import the implementation registered for ``kind``.
-
-    Raises ConfigError for an unknown kind, or for a known kind whose optional SDK is missing.
-    """
-    target = STORES.get(kind)
-    if target is None:
-        known = ", ".join(sorted(STORES))
-        raise ConfigError(f"unknown store kind {kind!r} (expected one of: {known})")
-    module_name, _, attribute = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        # Only a missing third-party SDK lands here; a broken rotatord module is a bug and propagates.
-        if (exc.name or "").startswith("rotatord"):
-            raise
-        raise ConfigError(
-            f"store kind {kind!r} needs the package {exc.name!r}, which is not installed (install rotatord[{kind}])"
-        ) from None
-    cls = getattr(module, attribute)
-    if not (isinstance(cls, type) and issubclass(cls, DataStore)):
-        raise TypeError(f"{target} is not a DataStore subclass")
-    return cls
+    """Import the implementation registered for ``kind`` (ConfigError if unknown or its SDK is missing)."""
+    return cast(type[DataStore], import_registered(STORES, kind, DataStore, "store"))
 
 
 def label_prefix(secret: str, index: int) -> str:
