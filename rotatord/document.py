@@ -234,6 +234,11 @@ def parse_document(raw: bytes | str | dict[str, Any], where: str = "document") -
     schema = r.get(data, "schema", str)
     if schema != SCHEMA:
         raise DocumentInvalid(f"{where}: schema {schema!r} is not supported (expected {SCHEMA!r})")
+    from .schema import schema_problem  # stdlib + optional jsonschema; imported on first parse
+
+    problem = schema_problem(data)
+    if problem is not None:
+        raise DocumentInvalid(f"{where}: {problem}")
     kind = r.get(data, "kind", str)
     name = r.get(data, "name", str)
     version = r.get(data, "version", int)
