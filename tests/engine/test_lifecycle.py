@@ -285,7 +285,7 @@ def reset_step(h: Harness, rotation_id: int, step: str, phase: str, **columns: o
         step,
     )
     assignments = ", ".join(["phase = ?", *(f"{c} = ?" for c in columns)])
-    h.sql(f"UPDATE rotations SET {assignments} WHERE id = ?", phase, *columns.values(), rotation_id)  # noqa: S608
+    h.sql(f"UPDATE rotations SET {assignments} WHERE id = ?", phase, *columns.values(), rotation_id)
     h.sql("DELETE FROM outbox WHERE rotation_id = ?", rotation_id)
 
 
