@@ -1,0 +1,77 @@
+"""Retirement waits for the census: a key leaves the ring only when no stored datum needs it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+from rotatord.config.model import SqlStoreSettings
+from rotatord.crypto.keyring import multifernet
+from tests.engine.conftest import EVERY, FERNET, GRACE, PROPAGATION, SECOND, T0, HarnessFactory, fernet_secret
+
+
+@contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    """Writes to ``path`` fail, even for root (CI runs as root): chattr +i, else chmod."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
+    else:
+        path.chmod(0o400)
+        try:
+            yield
+        finally:
+            path.chmod(0o600)
+
+
+def test_retire_is_refused_while_data_still_needs_the_old_key(make_harness: HarnessFactory, tmp_path: Path) -> None:
+    db = tmp_path / "bot.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
+    url = tmp_path / "bot-db.url"
+    url.write_text(f"sqlite:///{db}")
+    url.chmod(0o600)
+    store = SqlStoreSettings(kind="sql", url_file=url, table="msgs", key=("id",), columns=("body",))
+    h = make_harness(fernet_secret(stores=(store,)), consumers=())
+    runtime = h.build()
+    engine = runtime.engine
+    try:
+        engine.tick(FERNET, T0)  # v1 created
+        v1 = multifernet(h.ring())
+        with sqlite3.connect(db) as conn:
+            conn.executemany(
+                "INSERT INTO msgs VALUES (?, ?)", [(i, v1.encrypt(b"row %d" % i).decode()) for i in range(50)]
+            )
+        t1 = T0 + EVERY
+        engine.tick(FERNET, t1)  # stage v2
+        engine.tick(FERNET, t1 + PROPAGATION)  # promote, then re-encrypt everything to v2
+        assert h.sql("SELECT phase FROM rotations WHERE version = 2") == [("reencrypted",)]
+        # A bot with a stale ring writes under v1 again, and the store can no longer be written.
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE msgs SET body = ? WHERE id = 7", (v1.encrypt(b"late write").decode(),))
+        with _read_only(db):
+            engine.tick(FERNET, t1 + PROPAGATION + GRACE + SECOND)
+            ring = h.ring()
+            assert {k.id for k in ring.keys} == {"v1", "v2"}, "v1 must stay while a datum needs it"
+            status = h.sql("SELECT phase, status, error FROM rotations WHERE version = 2")
+            assert status[0][0] == "reencrypted" and status[0][1] == "active"
+            assert status[0][2] and "stores[0]" in status[0][2]
+        # Writable again: the retry's final sweep moves the late write, the census is clean, v1 goes.
+        engine.tick(FERNET, t1 + PROPAGATION + GRACE + 3600 * SECOND)
+        assert [k.id for k in h.ring().keys] == ["v2"]
+        only_v2 = Fernet(h.ring().primary_key.material.reveal())
+        with sqlite3.connect(db) as conn:
+            bodies = dict(conn.execute("SELECT id, body FROM msgs"))
+        assert only_v2.decrypt(bodies[7].encode()) == b"late write"
+        assert all(only_v2.decrypt(bodies[i].encode()) == b"row %d" % i for i in range(50) if i != 7)
+    finally:
+        runtime.close()
