@@ -30,6 +30,7 @@ import hmac
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -139,6 +140,22 @@ def _init_worker(keys: tuple[tuple[str, str], ...], primary_id: str) -> None:
     global _worker_ring, _worker_classifier  # noqa: PLW0603 - one ring per worker process, set once
     _worker_ring = MultiFernet([Fernet(material.encode("ascii")) for _, material in keys])
     _worker_classifier = _Classifier(keys, primary_id)
+    _exit_with_parent(os.getppid())
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker holds key material: it must not outlive the daemon, even one killed by SIGKILL.
+
+    The pool's queues keep their pipes open in the workers themselves, so a dead parent gives
+    them no EOF; a thread notices the re-parenting instead and ends the process.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _rotate_all(ring: MultiFernet, tokens: Sequence[bytes]) -> list[bytes | None]:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -211,3 +212,49 @@ def test_a_dead_worker_fails_the_batch_and_the_pool_is_rebuilt(keys: Ring) -> No
         assert not rotator.started
         results = rotator(tokens)
         assert [r is None for r in results] == [e is None for e in expected]
+
+
+_ORPHAN_SCRIPT = """
+import os, signal
+from datetime import UTC, datetime
+from cryptography.fernet import Fernet
+from rotatord.crypto.parallel import BatchRotator
+from rotatord.document import FernetKey, FernetRing
+from rotatord.sensitive import Sensitive
+
+if __name__ == "__main__":  # spawned workers re-import this file
+    now = datetime.now(UTC)
+    key = Fernet.generate_key().decode()
+    ring = FernetRing("x", 1, "v1", (FernetKey("v1", Sensitive(key), "primary", now),), now)
+    rotator = BatchRotator(ring, processes=2, min_parallel=1)
+    tokens = [Fernet(key).encrypt(b"x") for _ in range(256)]
+    assert all(rotator(tokens))
+    print(" ".join(str(pid) for pid in rotator._pool._processes), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_holding_keys_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
+    import subprocess
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == -9, result.stderr
+    workers = [int(pid) for pid in result.stdout.split()]
+    assert len(workers) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                return b"multiprocessing" in fh.read()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if alive(pid)]
+    for pid in survivors:  # never leave them behind, even when the assertion fails
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == [], "worker processes outlived their SIGKILLed parent"
