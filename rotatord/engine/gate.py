@@ -22,7 +22,7 @@ __all__ = ["ACK_POLL", "AckGate"]
 log = logging.getLogger("rotatord.engine")
 #: How often a rotation waiting for acknowledgements looks again.
 ACK_POLL = timedelta(seconds=2)
-HOLD_POLL = timedelta(seconds=30)
+HOLD_POLL = timedelta(seconds=5)
 
 
 class AckGate:
