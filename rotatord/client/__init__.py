@@ -9,6 +9,9 @@
     token = ring.encrypt(b"hello")        # under the current primary key
     ring.decrypt(token)                   # under any key still in the ring
 
+A bot told by rotatord's webhooks when to re-read answers each request with
+``WebhookHandler(...).handle(body, headers)``; ``verify_webhook`` checks one request alone.
+
 Importing this package loads the stdlib, ``cryptography`` and rotatord's stdlib-only modules,
 never the daemon, its scheduler or its stores.  ``VaultReader`` and ``AwsReader`` are imported
 on first access, so hvac and boto3 are needed only by bots that use them.
@@ -24,6 +27,7 @@ from .core import DocumentReader
 from .file import FileReader
 from .keyring import Keyring
 from .tokens import SigningSecrets, TokenCheck, TokenSet
+from .webhooks import WebhookEvent, WebhookHandler, WebhookVerificationError, verify_webhook
 
 if TYPE_CHECKING:
     from .aws import AwsReader
@@ -41,6 +45,10 @@ __all__ = [
     "TokenCheck",
     "TokenSet",
     "VaultReader",
+    "WebhookEvent",
+    "WebhookHandler",
+    "WebhookVerificationError",
+    "verify_webhook",
 ]
 
 # Readers whose module imports an SDK: resolved on first attribute access (PEP 562).

@@ -577,6 +577,10 @@ def test_public_names_are_pinned() -> None:
         "TokenCheck",
         "TokenSet",
         "VaultReader",
+        "WebhookEvent",
+        "WebhookHandler",
+        "WebhookVerificationError",
+        "verify_webhook",
     ]
     assert set(client.__all__) <= set(dir(client))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
