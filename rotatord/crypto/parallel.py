@@ -135,19 +135,20 @@ _worker_ring: MultiFernet | None = None
 _worker_classifier: _Classifier | None = None
 
 
-def _init_worker(keys: tuple[tuple[str, str], ...], primary_id: str) -> None:
+def _init_worker(keys: tuple[tuple[str, str], ...], primary_id: str, parent: int) -> None:
     """Pool initializer: build the worker's ring once (primary first, as in the ring)."""
     global _worker_ring, _worker_classifier  # noqa: PLW0603 - one ring per worker process, set once
     _worker_ring = MultiFernet([Fernet(material.encode("ascii")) for _, material in keys])
     _worker_classifier = _Classifier(keys, primary_id)
-    _exit_with_parent(os.getppid())
+    _exit_with_parent(parent)
 
 
 def _exit_with_parent(parent: int) -> None:
     """A worker holds key material: it must not outlive the daemon, even one killed by SIGKILL.
 
     The pool's queues keep their pipes open in the workers themselves, so a dead parent gives
-    them no EOF; a thread notices the re-parenting instead and ends the process.
+    them no EOF; a thread notices the re-parenting instead and ends the process.  ``parent`` comes
+    from the parent itself: a worker still starting when its parent died is re-parented already.
     """
 
     def watch() -> None:
@@ -237,7 +238,7 @@ class BatchRotator:
                     max_workers=self._processes,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init_worker,
-                    initargs=(self._reveal(), self._primary),
+                    initargs=(self._reveal(), self._primary, os.getpid()),
                 )
             return self._pool
 
