@@ -11,7 +11,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,25 @@ def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.1, what:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """Writes to ``path`` (a file or a directory) fail, even for root, as CI runs: chattr +i
+    (root ignores modes), else a read-only mode."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
+    else:
+        mode = path.stat().st_mode & 0o777
+        path.chmod(0o500 if path.is_dir() else 0o400)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
 
 
 def assert_no_material(secret_values: Iterable[str], files: Iterable[Path] = (), texts: Iterable[str] = ()) -> None:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography.fernet import Fernet
@@ -14,23 +10,7 @@ from cryptography.fernet import Fernet
 from rotatord.config.model import SqlStoreSettings
 from rotatord.crypto.keyring import multifernet
 from tests.engine.conftest import EVERY, FERNET, GRACE, PROPAGATION, SECOND, T0, HarnessFactory, fernet_secret
-
-
-@contextmanager
-def _read_only(path: Path) -> Iterator[None]:
-    """Writes to ``path`` fail, even for root (CI runs as root): chattr +i, else chmod."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
-    else:
-        path.chmod(0o400)
-        try:
-            yield
-        finally:
-            path.chmod(0o600)
+from tests.helpers import unwritable
 
 
 def test_retire_is_refused_while_data_still_needs_the_old_key(make_harness: HarnessFactory, tmp_path: Path) -> None:
@@ -58,7 +38,7 @@ def test_retire_is_refused_while_data_still_needs_the_old_key(make_harness: Harn
         # A bot with a stale ring writes under v1 again, and the store can no longer be written.
         with sqlite3.connect(db) as conn:
             conn.execute("UPDATE msgs SET body = ? WHERE id = 7", (v1.encrypt(b"late write").decode(),))
-        with _read_only(db):
+        with unwritable(db):
             engine.tick(FERNET, t1 + PROPAGATION + GRACE + SECOND)
             ring = h.ring()
             assert {k.id for k in ring.keys} == {"v1", "v2"}, "v1 must stay while a datum needs it"

@@ -8,8 +8,6 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from rotatord.errors import (
 )
 from rotatord.fsutil import atomic_write
 from tests.contract.conftest import api_tokens, fernet_ring, materials
+from tests.helpers import unwritable
 
 PATH = "bots/support-bot/db-key"
 
@@ -295,27 +294,10 @@ def test_permission_errors_map_to_permission_denied() -> None:
         raise PermissionError(13, "Permission denied", "/store/x")
 
 
-@contextmanager
-def _unwritable(directory: Path) -> Iterator[None]:
-    """Root ignores modes, so as root (CI) the directory is made immutable (chattr +i) instead."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(directory)], check=True, capture_output=True)
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(directory)], check=True, capture_output=True)
-    else:
-        directory.chmod(0o500)
-        try:
-            yield
-        finally:
-            directory.chmod(0o700)
-
-
 def test_unwritable_directory_is_permission_denied(settings: FileBackendSettings, backend: FileBackend) -> None:
     backend.check()
     with (
-        _unwritable(settings.directory),
+        unwritable(settings.directory),
         pytest.raises(PermissionDenied, match=f"backend 'main': cannot write {PATH}"),
     ):
         backend.write(PATH, fernet_ring(), expected=None, request_id="r1")
