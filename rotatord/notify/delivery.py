@@ -209,7 +209,7 @@ class Sender:
             async with self._session.post(
                 url,
                 data=body,
-                headers=dict(headers),
+                headers=headers,  # aiohttp copies them into its own multidict
                 allow_redirects=False,
                 timeout=self._timeout(timeout),
             ) as response:

@@ -6,7 +6,9 @@ asks :meth:`OutboxWorker.acknowledged`; a slow or dead bot never holds a rotatio
 Each pass claims the pending rows that are due, settles those that must not be sent (the
 consumer does not subscribe to the event: ``skipped``; it is no longer configured or answered
 410 at its current URL: ``dead``), reads each consumer's signing secrets once, and sends the rest
-concurrently, at most ``notify.concurrency`` at a time.  Every attempt carries the row's stable
+concurrently, at most ``notify.concurrency`` at a time (that many lanes take rows from the
+pass's queue in turn, so a hanging consumer holds one lane and the others carry on; a task per
+row would only add scheduling work).  Every attempt carries the row's stable
 ``webhook-id`` and a fresh ``webhook-timestamp``; it is written as soon as it ends (attempts
 finishing together share one transaction), so a consumer that hangs until its timeout delays
 nobody's acknowledgement.  After ``retry_schedule`` is exhausted a row is dead-lettered; a
@@ -26,6 +28,7 @@ import random
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ from ..interfaces import Notifier
 from ..timeutil import Clock, SystemClock, format_ts
 from .delivery import Outcome, Sender, tls_context
 from .outbox import AttemptRecord, DeliveryFilter, OutboxRow, OutboxStore, url_digest
-from .signer import secret_key, webhook_headers
+from .signer import SigningKeys
 from .ssrf import TargetPolicy
 
 __all__ = ["CLAIM_LIMIT", "JITTER", "POLL_SECONDS", "OutboxWorker", "SigningSecrets"]
@@ -72,6 +75,7 @@ class _Pass:
     buffer: list[AttemptRecord] = field(default_factory=list)
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
+    active: int = 0  # attempts started and not yet buffered
 
 
 class OutboxWorker(Notifier):
@@ -131,10 +135,10 @@ class OutboxWorker(Notifier):
     async def deliver_due(self, now: datetime) -> int:
         """One pass at ``now`` with its own session; returns how many requests were attempted."""
         async with self._open() as p:
-            tasks = await self._dispatch(now, p)
+            tasks, count = await self._dispatch(now, p)
             if tasks:
                 await asyncio.gather(*tasks)
-            return len(tasks)
+            return count
 
     async def run(self, stop_event: asyncio.Event, wake_event: asyncio.Event) -> None:
         """Deliver until ``stop_event``: at once when ``wake_event`` is set (new rows, a replay),
@@ -146,7 +150,7 @@ class OutboxWorker(Notifier):
                 delay = POLL_SECONDS
                 try:
                     now = self._clock.now()
-                    for task in await self._dispatch(now, p):
+                    for task in (await self._dispatch(now, p))[0]:
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                     nxt = await asyncio.to_thread(self.store.next_due, now)
@@ -177,8 +181,9 @@ class OutboxWorker(Notifier):
 
     # -- one pass ------------------------------------------------------------------------------
 
-    async def _dispatch(self, now: datetime, p: _Pass) -> list[asyncio.Task[None]]:
-        """Claim due rows, settle the ones not to send, start a task per delivery."""
+    async def _dispatch(self, now: datetime, p: _Pass) -> tuple[list[asyncio.Task[None]], int]:
+        """Claim due rows, settle the ones not to send, start the lanes that send the rest.
+        Returns the lanes and how many rows they send."""
         claimed, disabled_urls = await asyncio.to_thread(self.store.claim, now, CLAIM_LIMIT)
         with self._inflight_lock:
             rows = [r for r in claimed if r.id not in self._inflight]
@@ -202,34 +207,49 @@ class OutboxWorker(Notifier):
             secrets, unavailable = await asyncio.to_thread(self._read_secrets, {r.consumer for r in send})
             held = [r for r in send if r.consumer in unavailable]
             send = [r for r in send if r.consumer not in unavailable]
-            await asyncio.to_thread(self._settle, now, skipped, unknown, disabled, held, unavailable)
+            if skipped or unknown or disabled or held:  # a fan-out usually settles nothing: no thread hop
+                await asyncio.to_thread(self._settle, now, skipped, unknown, disabled, held, unavailable)
             ready = True
         finally:
-            # Only rows about to be sent stay in flight (their task releases them), even on error.
+            # Only rows about to be sent stay in flight (their lane releases them), even on error.
             sending = {r.id for r in send} if ready else set()
             with self._inflight_lock:
                 self._inflight.difference_update(r.id for r in rows if r.id not in sending)
         start = time.monotonic()
-        return [asyncio.create_task(self._attempt(p, row, secrets[row.consumer], now, start)) for row in send]
+        queue = deque(send)
+        lanes = min(len(send), self.notify.concurrency)
+        return [asyncio.create_task(self._lane(p, queue, secrets, now, start)) for _ in range(lanes)], len(send)
 
-    def _read_secrets(self, names: Iterable[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
-        """Each consumer's secrets, validated; or why they are unusable (never their values)."""
-        found: dict[str, list[str]] = {}
+    async def _lane(
+        self, p: _Pass, queue: deque[OutboxRow], keys: Mapping[str, SigningKeys], now: datetime, start: float
+    ) -> None:
+        """Send rows from ``queue`` (shared by the pass's lanes) one after another until it is empty."""
+        try:
+            while queue:
+                row = queue.popleft()
+                await self._attempt(p, row, keys[row.consumer], now, start)
+        except BaseException:
+            # Stopping: rows not started stay pending, free for the next pass (or the next start).
+            with self._inflight_lock:
+                self._inflight.difference_update(r.id for r in queue)
+            queue.clear()
+            raise
+
+    def _read_secrets(self, names: Iterable[str]) -> tuple[dict[str, SigningKeys], dict[str, str]]:
+        """Each consumer's secrets, validated and keyed once for the pass; or why they are
+        unusable (never their values)."""
+        found: dict[str, SigningKeys] = {}
         unavailable: dict[str, str] = {}
         for name in sorted(names):
             consumer = self.consumers[name]
             try:
-                values = list(self._signing_secrets(name))
-                if not values:
-                    raise ValueError("empty")
-                for value in values:
-                    secret_key(value)
+                keys = SigningKeys(list(self._signing_secrets(name)))
             except Exception as exc:  # a failing read for one consumer must not stop the others
                 why = f"signing secret {consumer.signing_secret!r} unavailable ({type(exc).__name__})"
                 log.warning("cannot sign webhooks", extra={"consumer": name, "error": why})
                 unavailable[name] = why
                 continue
-            found[name] = values
+            found[name] = keys
         return found, unavailable
 
     def _settle(
@@ -247,14 +267,15 @@ class OutboxWorker(Notifier):
         for name, why in unavailable.items():
             self.store.postpone([r.id for r in held if r.consumer == name], now + SECRET_RETRY, why)
 
-    async def _attempt(self, p: _Pass, row: OutboxRow, secrets: list[str], now: datetime, start: float) -> None:
+    async def _attempt(self, p: _Pass, row: OutboxRow, keys: SigningKeys, now: datetime, start: float) -> None:
         consumer = self.consumers[row.consumer]
         body = row.payload.encode()
+        p.active += 1
         try:
             async with p.slots:
                 # Signed inside the slot, so the timestamp is the moment of sending.
-                sent_at = now + timedelta(seconds=time.monotonic() - start)
-                headers = webhook_headers(row.webhook_id, int(sent_at.timestamp()), body, secrets)
+                sent_at = now.timestamp() + (time.monotonic() - start)
+                headers = keys.headers(row.webhook_id, int(sent_at), body)
                 outcome = await p.sender.post(consumer.url, headers, body, consumer.timeout.total_seconds())
             finished = now + timedelta(seconds=time.monotonic() - start)
             record = self._next_step(row, consumer, outcome, finished)
@@ -268,6 +289,8 @@ class OutboxWorker(Notifier):
                 "webhook attempt failed unexpectedly", extra={"webhook_id": row.webhook_id, "error": type(exc).__name__}
             )
             return
+        finally:
+            p.active -= 1
         # The recorder releases the row once the attempt is written, so no pass claims it before.
         p.buffer.append(record)
         p.dirty.set()
@@ -298,8 +321,9 @@ class OutboxWorker(Notifier):
         attempt is visible (to :meth:`acknowledged`) moments after it ends, whatever the others do."""
         while True:
             await p.dirty.wait()
-            if not p.closing:
+            if not p.closing and p.active:
                 # Let the attempts finishing around now join this write: fewer, larger commits.
+                # With none in flight there is nothing to wait for: the last batch goes at once.
                 await asyncio.sleep(RECORD_COALESCE)
             p.dirty.clear()
             while p.buffer:
@@ -379,10 +403,12 @@ class OutboxWorker(Notifier):
 
 
 def _log_attempt(rec: AttemptRecord) -> None:
-    extra = {"consumer": rec.consumer, "attempts": rec.attempts, "error": rec.error}
     if rec.delivered:
-        log.debug("webhook delivered", extra=extra)
-    elif rec.next_attempt_at is not None:
+        if log.isEnabledFor(logging.DEBUG):  # a fan-out delivers thousands: skip building unused records
+            log.debug("webhook delivered", extra={"consumer": rec.consumer, "attempts": rec.attempts, "error": None})
+        return
+    extra = {"consumer": rec.consumer, "attempts": rec.attempts, "error": rec.error}
+    if rec.next_attempt_at is not None:
         log.info(
             "webhook attempt failed; will retry", extra={**extra, "next_attempt_at": format_ts(rec.next_attempt_at)}
         )
