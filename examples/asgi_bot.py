@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from rotatord.client import (
-    DocumentReader,
-    FileReader,
-    Keyring,
-    SigningSecrets,
-    TokenSet,
-    WebhookEvent,
     WebhookHandler,
 )
 from rotatord.errors import RotatordError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # wsgi_bot.py, next to this file
+import wsgi_bot
 
 #: rotatord's payloads are a few hundred bytes; anything past this is not one of them.
 MAX_BODY = 64 * 1024
@@ -111,67 +108,15 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-# -- the command line (the same arguments as wsgi_bot.py) -----------------------------------------
-
-
-def _pair(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
+# -- the command line: the same arguments and handler as wsgi_bot.py --------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="asgi_bot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
-    p.add_argument("--backend", choices=("file", "vault"), default="file", help="where rotatord publishes")
-    files = p.add_argument_group("file backend")
-    files.add_argument("--directory", help="the file backend's directory")
-    files.add_argument("--master-key-file", help="the file backend's master key")
-    files.add_argument("--master-key-credential", help="or: its name under $CREDENTIALS_DIRECTORY")
-    vault = p.add_argument_group("vault backend (OpenBao / HashiCorp Vault, KV v2)")
-    vault.add_argument("--address", default=os.environ.get("VAULT_ADDR", "http://127.0.0.1:8200"))
-    vault.add_argument("--mount", default="secret")
-    vault.add_argument("--token-file", help="a file holding the bot's token (default: $VAULT_TOKEN)")
-    names = p.add_argument_group("secrets")
-    names.add_argument("--signing-secret", required=True, metavar="PATH", help="path of the bot's webhook_secret")
-    names.add_argument("--signing-secret-name", metavar="NAME", help="its managed-secret name (re-read on token.*)")
-    names.add_argument("--keyring", type=_pair, action="append", default=[], metavar="NAME=PATH", help="repeatable")
-    names.add_argument("--token-set", type=_pair, action="append", default=[], metavar="NAME=PATH", help="repeatable")
-    names.add_argument("--ttl", type=float, default=60.0, help="seconds a read document is used (default: 60)")
-    return p
+    return wsgi_bot.parser(prog="asgi_bot.py", description=__doc__)
 
 
 def build_handler(args: argparse.Namespace) -> WebhookHandler:
-    read: Callable[[str], DocumentReader]
-    if args.backend == "vault":
-        from rotatord.client import VaultReader  # imports hvac: only bots on Vault need it
-
-        read = lambda path: VaultReader(args.address, path, mount=args.mount, token_file=args.token_file)  # noqa: E731
-    elif not args.directory:
-        raise SystemExit("asgi_bot.py: --directory is required with --backend file")
-    else:
-        read = lambda path: FileReader(  # noqa: E731
-            args.directory, path, master_key_file=args.master_key_file, master_key_credential=args.master_key_credential
-        )
-    keyrings = {name: Keyring(read(path), ttl=args.ttl) for name, path in args.keyring}
-    token_sets = {name: TokenSet(read(path), ttl=args.ttl) for name, path in args.token_set}
-
-    def on_event(event: WebhookEvent) -> None:
-        ring = keyrings.get(event.secret)
-        held = f"; keys {','.join(ring.key_ids)}" if ring is not None else ""
-        print(f"{event.type} {event.secret} version {event.version}{held}", flush=True)
-
-    return WebhookHandler(
-        SigningSecrets(read(args.signing_secret), ttl=args.ttl),
-        keyrings,
-        token_sets,
-        on_event=on_event,
-        signing_secret=args.signing_secret_name,
-    )
+    return wsgi_bot.build_handler(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

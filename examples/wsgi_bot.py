@@ -123,9 +123,10 @@ def _pair(text: str) -> tuple[str, str]:
     return name, path
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "wsgi_bot.py", description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The bot's arguments; asgi_bot.py uses the same ones."""
     p = argparse.ArgumentParser(
-        prog="wsgi_bot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
@@ -154,7 +155,7 @@ def reader_factory(args: argparse.Namespace) -> Callable[[str], DocumentReader]:
 
         return lambda path: VaultReader(args.address, path, mount=args.mount, token_file=args.token_file)
     if not args.directory:
-        raise SystemExit("wsgi_bot.py: --directory is required with --backend file")
+        raise SystemExit("--directory is required with --backend file")
     return lambda path: FileReader(
         args.directory, path, master_key_file=args.master_key_file, master_key_credential=args.master_key_credential
     )
