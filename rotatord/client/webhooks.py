@@ -37,6 +37,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from ..crypto.generators import whsec_key
 from ..errors import RotatordError
 from ..sensitive import Sensitive
 from .tokens import SigningSecrets
@@ -49,7 +50,6 @@ __all__ = ["WebhookEvent", "WebhookHandler", "WebhookVerificationError", "verify
 
 log = logging.getLogger("rotatord.client")
 
-WHSEC_PREFIX: Final = "whsec_"
 #: Headers rotatord sends, in lower case (the lookup ignores case).
 ID_HEADER: Final = "webhook-id"
 TIMESTAMP_HEADER: Final = "webhook-timestamp"
@@ -102,23 +102,6 @@ class WebhookEvent:
     path: str
     backend_version: str | None
     data: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
-
-
-def _secret_key(secret: str | Sensitive) -> bytes:
-    """The HMAC key of a ``whsec_`` secret.  ValueError (quoting nothing) when it is not one."""
-    text = secret.reveal() if isinstance(secret, Sensitive) else secret
-    if not isinstance(text, str):
-        raise TypeError("a signing secret is a str")
-    if not text.startswith(WHSEC_PREFIX):
-        raise ValueError("a signing secret must start with 'whsec_'")
-    encoded = text[len(WHSEC_PREFIX) :]
-    try:
-        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except binascii.Error:
-        raise ValueError("a signing secret must be 'whsec_' followed by base64") from None
-    if not key:
-        raise ValueError("a signing secret must not be empty")
-    return key
 
 
 def _timestamp(text: str, now: float, tolerance: int) -> int:
@@ -193,7 +176,7 @@ def verify_webhook(
         raise TypeError("secrets is a sequence of secrets, not one secret")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
         raise ValueError("tolerance is a number of seconds >= 0")
-    keys = [_secret_key(s) for s in secrets]
+    keys = [whsec_key(s) for s in secrets]
     if not keys:
         raise ValueError("at least one signing secret is needed")
 

@@ -26,6 +26,7 @@ __all__ = [
     "FernetGenerator",
     "WebhookSecretGenerator",
     "generator_for",
+    "whsec_key",
 ]
 
 # 32 bytes in base64 are 43 significant characters and one "=" of padding.
@@ -103,6 +104,29 @@ class WebhookSecretGenerator(Generator):
         except binascii.Error:
             return False
         return _WHSEC_MIN_BYTES <= len(raw) <= _WHSEC_MAX_BYTES
+
+
+def whsec_key(secret: str | Sensitive) -> bytes:
+    """The HMAC key of a ``whsec_`` secret: base64-decode what follows the prefix.
+
+    Raises ValueError (without quoting the value) when it is not a non-empty base64 secret.
+    The one parser of the format, for the signer (rotatord.notify) and the verifier (bots).
+    """
+    text = secret.reveal() if isinstance(secret, Sensitive) else secret
+    if not isinstance(text, str):
+        raise TypeError("a signing secret is a str (or Sensitive)")
+    if not text.startswith(WHSEC_PREFIX):
+        raise ValueError("a signing secret must start with 'whsec_'")
+    encoded = text[len(WHSEC_PREFIX) :]
+    try:
+        # Padding is optional in the wild (the reference library appends "=="); be as lenient
+        # as the verifiers are, but refuse characters outside the base64 alphabet.
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("a signing secret must be 'whsec_' followed by base64") from None
+    if not key:
+        raise ValueError("a signing secret must not be empty")
+    return key
 
 
 #: The registry, keyed by the configuration's ``kind``.

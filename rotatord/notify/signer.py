@@ -10,43 +10,21 @@ holding either secret verifies it.  Nothing here logs, and no error message quot
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
 from collections.abc import Sequence
 
+from ..crypto.generators import WHSEC_PREFIX
+from ..crypto.generators import whsec_key as secret_key
 from ..sensitive import Sensitive
 
 __all__ = ["SIGNATURE_VERSION", "WHSEC_PREFIX", "SigningKeys", "secret_key", "sign", "webhook_headers"]
 
-WHSEC_PREFIX = "whsec_"
 SIGNATURE_VERSION = "v1"
 
 SigningSecret = str | Sensitive
 _SPACE = re.compile(r"\s")
-
-
-def secret_key(secret: SigningSecret) -> bytes:
-    """The HMAC key of a ``whsec_`` secret: base64-decode what follows the prefix.
-
-    Raises ValueError (without quoting the value) when it is not a non-empty base64 secret.
-    """
-    text = secret.reveal() if isinstance(secret, Sensitive) else secret
-    if not isinstance(text, str):
-        raise TypeError("a signing secret is a str (or Sensitive)")
-    if not text.startswith(WHSEC_PREFIX):
-        raise ValueError("a signing secret must start with 'whsec_'")
-    encoded = text[len(WHSEC_PREFIX) :]
-    try:
-        # Padding is optional in the wild (the reference library appends "=="); be as lenient
-        # as the verifiers are, but refuse characters outside the base64 alphabet.
-        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except binascii.Error:
-        raise ValueError("a signing secret must be 'whsec_' followed by base64") from None
-    if not key:
-        raise ValueError("a signing secret must not be empty")
-    return key
 
 
 def _check_id(msg_id: str) -> None:
