@@ -1,3 +1,32 @@
-"""Test-suite-wide plugins: the real servers some suites need."""
+"""Test-suite-wide plugins and fixtures: the real servers some suites need, captured logs."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from rotatord.logs import NOISY_LOGGERS, setup_logging
 
 pytest_plugins = ["tests.servers.openbao", "tests.servers.moto", "tests.servers.databases"]
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Logging set up as the daemon does it, onto a StringIO; the root logger is restored after."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_noisy = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    buffer = io.StringIO()
+    setup_logging("debug", stream=buffer)
+    yield buffer
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved_handlers:
+        root.addHandler(handler)
+    root.setLevel(saved_level)
+    for name, level in saved_noisy.items():
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(False)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,7 +18,6 @@ from rotatord.daemon.runtime import Runtime
 from rotatord.document import CredentialSet, FernetRing
 from rotatord.engine.report import history_report, secret_status
 from rotatord.errors import DecryptError, RollbackImpossible, RotationInProgress
-from rotatord.logs import NOISY_LOGGERS, setup_logging
 from tests.engine.conftest import (
     CONSUMER,
     EVERY,
@@ -671,25 +668,6 @@ def test_unwritable_backend_path_fails_the_stage_until_fixed(make_harness: Harne
 
 
 # -- secrecy -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """Logging set up as the daemon does it, onto a StringIO; the root logger is restored after."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_noisy = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
-    buffer = io.StringIO()
-    setup_logging("debug", stream=buffer)
-    yield buffer
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved_handlers:
-        root.addHandler(handler)
-    root.setLevel(saved_level)
-    for name, level in saved_noisy.items():
-        logging.getLogger(name).setLevel(level)
-    logging.captureWarnings(False)
 
 
 def test_no_key_material_reaches_the_state_db_the_audit_log_or_the_logs(

@@ -9,7 +9,6 @@ import logging
 import re
 import secrets
 import string
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,22 +34,9 @@ def whsec() -> str:
 
 
 @pytest.fixture
-def stream() -> Iterator[io.StringIO]:
-    """Logging configured onto a StringIO; the root logger's previous state is restored after."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_noisy = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
-    buffer = io.StringIO()
-    setup_logging("debug", stream=buffer)
-    yield buffer
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved_handlers:
-        root.addHandler(handler)
-    root.setLevel(saved_level)
-    for name, level in saved_noisy.items():
-        logging.getLogger(name).setLevel(level)
-    logging.captureWarnings(False)
+def stream(log_stream: io.StringIO) -> io.StringIO:
+    """Logging configured onto a StringIO (tests/conftest.py restores the root logger after)."""
+    return log_stream
 
 
 def lines(buffer: io.StringIO) -> list[dict[str, object]]:
