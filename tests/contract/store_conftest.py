@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,9 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from rotatord.config.model import FilesStoreSettings, RedisStoreSettings, SqlStoreSettings
-from rotatord.crypto.keyring import rotator
 from rotatord.crypto.parallel import BatchRotator
 from rotatord.document import FernetKey, FernetRing
-from rotatord.errors import DecryptError
+from rotatord.engine.reencrypt import serial_batch_rotator
 from rotatord.interfaces import DataStore, Progress, ReencryptReport, RotateBatch
 from rotatord.sensitive import Sensitive
 from rotatord.stores.files import FilesStore
@@ -95,20 +94,8 @@ class Recorder(Progress):
         return self.checkpoints[-1][0] if self.checkpoints else None
 
 
-def plain_rotate(ring: FernetRing) -> RotateBatch:
-    """The simplest RotateBatch: the keyring's rotator, in-process, one token at a time."""
-    one = rotator(ring)
-
-    def rotate(tokens: Sequence[bytes]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for token in tokens:
-            try:
-                out.append(one(token))
-            except DecryptError:
-                out.append(None)
-        return out
-
-    return rotate
+#: The simplest RotateBatch: the engine's own in-process fallback, one token at a time.
+plain_rotate = serial_batch_rotator
 
 
 class Harness(ABC):
