@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import require
+
 UNIT_DIR = Path(__file__).resolve().parents[2] / "systemd"
 MAX_EXPOSURE = 1.5
 # systemd-analyze's --threshold is on its internal 0-100 scale: 15 means an exposure of 1.5.
@@ -24,11 +26,8 @@ TOOL_ENV = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "LC_ALL": 
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found: apt-get install systemd"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require(path is not None, f"{name} not found: apt-get install systemd")
+    assert path is not None
     return path
 
 
