@@ -236,6 +236,9 @@ def cross_check(settings: Settings) -> list[str]:
         for c in s.consumers:
             if c not in settings.consumers:
                 problems.append(f"{at('consumers')}: consumer {c!r} is not defined under [consumers]")
+    for idx, c in enumerate(settings.notify.security_consumers):
+        if c not in settings.consumers:
+            problems.append(f"notify.security_consumers[{idx}]: consumer {c!r} is not defined under [consumers]")
     if settings.consumers or settings.notify.allow:
         from ..notify.ssrf import config_problems
 

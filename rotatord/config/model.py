@@ -224,6 +224,8 @@ EventType = Literal[
     "token.revoked",
     "rotation.failed",
     "rotation.rolled_back",
+    "secret.drift_detected",
+    "credential.revoked_use",
 ]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
@@ -268,6 +270,9 @@ class NotifySettings(_Frozen):
     #: When the propagation window ends before every required consumer acknowledged key.staged:
     #: "promote" anyway (and alert) or "hold" the rotation at staged (and alert).
     on_unacknowledged: Literal["promote", "hold"] = "promote"
+    #: Consumers (names under [consumers]) that also receive the security events of every
+    #: secret: secret.drift_detected and credential.revoked_use.
+    security_consumers: tuple[Name, ...] = ()
 
 
 IDENT_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
