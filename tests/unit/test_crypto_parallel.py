@@ -258,3 +258,28 @@ def test_workers_holding_keys_die_with_a_sigkilled_parent(tmp_path: Path) -> Non
     for pid in survivors:  # never leave them behind, even when the assertion fails
         os.kill(pid, signal.SIGKILL)
     assert survivors == [], "worker processes outlived their SIGKILLed parent"
+
+
+def test_fused_rotation_matches_fernet_for_every_length_and_key_order(keys: Ring) -> None:
+    """The fused path keeps AES contexts alive across tokens and batches (it supplies the CBC
+    chaining value itself): every plaintext length, keys interleaved at random, batches one
+    after another, each result read back by Fernet itself, with its timestamp and a fresh IV."""
+    rng = __import__("random").Random(7)
+    plaintexts = [os.urandom(n) for n in (*range(0, 70), 1024, 4096, 100_000)]
+    with BatchRotator(keys.ring, 1) as rotator:
+        for _ in range(3):
+            signed_by = [rng.choice(("v1", "v2", "v3")) for _ in plaintexts]
+            tokens = [keys.token(kid, p) for kid, p in zip(signed_by, plaintexts, strict=True)]
+            bad = keys.bad_padding("v2")
+            tokens.insert(rng.randrange(len(tokens)), bad)  # a failure mid-batch
+            ivs: set[bytes] = set()
+            for (key_id, new), token in zip(rotator.classify_rotate(tokens, "v3"), tokens, strict=True):
+                if new is None:
+                    assert key_id == "v3" or (token == bad and key_id == "v2")
+                    continue
+                assert key_id in ("v1", "v2")
+                assert keys.fernet["v3"].decrypt(new) == keys.fernet[key_id].decrypt(token)
+                assert keys.fernet["v3"].extract_timestamp(new) == STAMP
+                ivs.add(base64.urlsafe_b64decode(new)[9:25])
+            rotated = sum(kid != "v3" for kid in signed_by)
+            assert len(ivs) == rotated  # one fresh IV per re-encrypted token
