@@ -99,7 +99,10 @@ class JobScheduler:
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            # Two instances: a run armed while the previous one is still finishing must wait for
+            # the engine's per-secret lock, not be skipped (APScheduler drops a skipped date job,
+            # which would leave the secret with nothing armed).
+            job_defaults={"coalesce": True, "max_instances": 2, "misfire_grace_time": None},
         )
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
@@ -113,6 +116,12 @@ class JobScheduler:
     def arm(self, key: str, when: datetime, func: Callable[[], None]) -> None:
         """Run ``func`` once at ``when`` (replacing any earlier arming of ``key``)."""
         self._scheduler.add_job(func, trigger=DateTrigger(run_date=when, timezone=UTC), id=key, replace_existing=True)
+
+    def wakeup(self) -> None:
+        """Re-check what is due now.  APScheduler sleeps until the next run time it computed from
+        the wall clock, so it would sleep through a jump of the clock forward."""
+        if self._scheduler.running:
+            self._scheduler.wakeup()
 
     def disarm(self, key: str) -> None:
         with contextlib.suppress(JobLookupError):

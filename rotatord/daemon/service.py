@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ __all__ = ["Daemon"]
 log = logging.getLogger("rotatord.daemon")
 ERROR_RETRY = timedelta(minutes=1)
 STATUS_INTERVAL = 1.0
+#: How often the daemon re-checks the schedule: wall-clock jumps, secrets left with nothing armed.
+SWEEP_INTERVAL = 10.0
+#: A difference between wall-clock and monotonic progress above this is logged as a clock jump.
+CLOCK_JUMP_SECONDS = 2.0
 
 
 class Daemon:
@@ -46,6 +51,8 @@ class Daemon:
         self.scheduler = JobScheduler()
         self.control = ControlServer(self._handle)
         self._locks: dict[str, threading.RLock] = {}
+        self._ticking: set[str] = set()
+        self._ticking_lock = threading.Lock()
         self._runtime: Runtime | None = None
         self._stopping = False
         self._last_status = ""
@@ -93,12 +100,14 @@ class Daemon:
                 extra={"secrets": len(self.settings.secrets), "resumed": resumed, "socket": str(daemon.socket_path)},
             )
             watchdog = asyncio.ensure_future(self._watchdog())
+            sweep = asyncio.ensure_future(self._sweep())
             self._start_notifier()
             await self._stop.wait()
             self._stopping = True
             self.notifier.stopping("stopping: finishing the steps in flight")
             log.info("stopping: waiting for steps in flight")
             watchdog.cancel()
+            sweep.cancel()
             await self._stop_notifier()
             await self.control.close()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
@@ -146,17 +155,59 @@ class Daemon:
         engine = self.runtime.engine
         if name not in engine.secrets:
             return
+        with self._ticking_lock:
+            self._ticking.add(name)
         try:
-            nxt = engine.tick(name, self.clock.now())
-        except RotatordError as exc:
-            log.error("tick failed", extra={"secret": name, "error": str(exc)})
-            nxt = self.clock.now() + ERROR_RETRY
-        except Exception:
-            log.exception("tick failed", extra={"secret": name})
-            nxt = self.clock.now() + ERROR_RETRY
-        if rearm:
-            self._arm(name, nxt)
+            try:
+                nxt = engine.tick(name, self.clock.now())
+            except RotatordError as exc:
+                log.error("tick failed", extra={"secret": name, "error": str(exc)})
+                nxt = self.clock.now() + ERROR_RETRY
+            except Exception:
+                log.exception("tick failed", extra={"secret": name})
+                nxt = self.clock.now() + ERROR_RETRY
+            if rearm:
+                self._arm(name, nxt)
+        finally:
+            with self._ticking_lock:
+                self._ticking.discard(name)
         self._changed_threadsafe(name)
+
+    async def _sweep(self) -> None:
+        """Every SWEEP_INTERVAL: log a jump of the wall clock, re-arm any secret that has no job
+        and no run in progress (the schedule must never silently lose a secret), and wake the
+        scheduler so that what a jump made due runs now."""
+        assert self._loop is not None
+        wall, mono = time.time(), time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now_wall, now_mono = time.time(), time.monotonic()
+            jump = (now_wall - wall) - (now_mono - mono)
+            wall, mono = now_wall, now_mono
+            if abs(jump) >= CLOCK_JUMP_SECONDS:
+                log.warning("wall clock jumped; re-checking what is due", extra={"jump_seconds": round(jump, 1)})
+            if self._stopping:
+                return
+            await self._loop.run_in_executor(None, self._rearm_missing)
+            self.scheduler.wakeup()
+
+    def _rearm_missing(self) -> None:
+        engine = self.runtime.engine
+        armed = set(self.scheduler.job_ids())
+        with self._ticking_lock:
+            busy = set(self._ticking)
+        missing = [name for name in engine.secrets if name not in armed and name not in busy]
+        if not missing:
+            return
+        latest = engine.journal.latest_all()
+        now = self.clock.now()
+        for name in missing:
+            rot = latest.get(name)
+            log.warning("secret had nothing scheduled; re-armed", extra={"secret": name})
+            if rot is not None and rot.active:
+                self._arm(name, now)
+            else:
+                self._arm(name, max(now, next_rotation_due(engine.secrets[name], rot.started_at if rot else None, now)))
 
     # -- status, signals, watchdog ---------------------------------------------------------
 

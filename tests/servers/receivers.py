@@ -67,14 +67,15 @@ class _Endpoint:
 class ReceiverServer:
     """Start with :func:`receiver_server`; add endpoints with :meth:`endpoint`."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self._endpoints: dict[str, _Endpoint] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="webhook-receivers", daemon=True)
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
-        self.port = 0
+        #: 0: any free port; a fixed one lets a test take the receivers down and bring them back.
+        self.port = port
         self._active = 0
         #: The most requests any moment saw being handled at once (across endpoints).
         self.max_in_flight = 0
@@ -91,7 +92,7 @@ class ReceiverServer:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
@@ -183,8 +184,8 @@ class ReceiverServer:
 
 
 @contextmanager
-def receiver_server() -> Iterator[ReceiverServer]:
-    server = ReceiverServer()
+def receiver_server(port: int = 0) -> Iterator[ReceiverServer]:
+    server = ReceiverServer(port)
     server.start()
     try:
         yield server
