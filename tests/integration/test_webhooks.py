@@ -40,6 +40,14 @@ ZERO_SCHEDULE = (timedelta(0), timedelta(0), timedelta(0))
 LOOPBACK = ("127.0.0.1/32",)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    """``NOW`` is taken per test: a module-level one would be minutes old by the time a long
+    suite reaches these tests, and the receivers' library would reject every timestamp."""
+    global NOW
+    NOW = utcnow().replace(microsecond=0)
+
+
 def at(k: int) -> Any:
     return NOW + k * SECOND
 
