@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -36,7 +36,7 @@ from .timeutil import Clock, SystemClock
 if TYPE_CHECKING:
     from .daemon.runtime import Runtime
 
-__all__ = ["ROLES", "Metrics", "RoleProvider", "StateCollector", "store_labels"]
+__all__ = ["CONTENT_TYPE", "ROLES", "Metrics", "RoleProvider", "StateCollector", "store_labels"]
 
 log = logging.getLogger("rotatord.metrics")
 
@@ -47,6 +47,8 @@ RuntimeProvider = Callable[[], "Runtime | None"]
 _STORE_LABEL = re.compile(r"\.stores\[(\d+)\]:([a-z_]+):")
 _DELIVERY_STATUSES = ("pending", "delivered", "skipped", "dead")
 _RESULTS = {"done": "completed", "rolled_back": "rolled_back"}
+#: The classic text format: every Prometheus version reads it, and all our names are plain.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _OUTCOMES = ("scanned", "rewritten", "skipped", "conflicts", "quarantined")
 
 
@@ -162,26 +164,30 @@ def _store_families(snap: StateSnapshot, secrets: dict[str, SecretSettings]) -> 
         "rotatord_reencrypt_estimated_items", "Items the store expected at the start of the pass", [*labels, "step"]
     )
     done = _g("rotatord_reencrypt_done", "1 once the store's pass finished", [*labels, "step"])
-    # Forced passes outside a rotation ("manual-<ms>") add up under one step label, so repeated
-    # `rotatord reencrypt` runs neither multiply the series nor make the counter go down.
+    # Checkpoints are kept per pass ("reencrypt/0", "reencrypt/1", ...; forced runs outside a
+    # rotation are "manual-<ms>/<n>").  Passes add up under one step label, so neither repeated
+    # passes nor repeated `rotatord reencrypt` runs multiply the series or make a counter go down.
     merged: dict[tuple[str, str, str], list[int]] = {}
-    finished: dict[tuple[str, str, str], tuple[bool, int | None]] = {}
+    finished: dict[tuple[str, str, str], bool] = {}
+    latest: dict[tuple[str, str, str], tuple[int, int | None]] = {}
     for p in snap.progress:
         if p.secret not in secrets:
             continue
-        key = (p.secret, p.store, "manual" if p.step.startswith("manual-") else p.step)
+        step, number = _step_and_pass(p.step)
+        key = (p.secret, p.store, step)
         t = p.totals
         sums = merged.setdefault(key, [0] * len(_OUTCOMES))
-        for i, value in enumerate((t.scanned, t.rewritten, t.skipped, t.conflicts, t.quarantined)):
-            sums[i] += value
-        was_done, est = finished.get(key, (True, None))
-        finished[key] = (was_done and p.done, p.estimate if p.estimate is not None else est)
+        for i, count in enumerate((t.scanned, t.rewritten, t.skipped, t.conflicts, t.quarantined)):
+            sums[i] += count
+        finished[key] = finished.get(key, True) and p.done
+        if number >= latest.get(key, (-1, None))[0]:
+            latest[key] = (number, p.estimate)
     for (secret, store, step), sums in sorted(merged.items()):
         base = [secret, *store_labels(store)]
         for outcome, value in zip(_OUTCOMES, sums, strict=True):
             items.add_metric([*base, step, outcome], value)
-        is_done, est = finished[(secret, store, step)]
-        done.add_metric([*base, step], 1 if is_done else 0)
+        done.add_metric([*base, step], 1 if finished[(secret, store, step)] else 0)
+        est = latest[(secret, store, step)][1]
         if est is not None:
             estimate.add_metric([*base, step], est)
     census = _g("rotatord_census_items", "Items per key at the latest census", [*labels, "key"])
@@ -208,6 +214,12 @@ def _store_families(snap: StateSnapshot, secrets: dict[str, SecretSettings]) -> 
         if secret in secrets:
             quarantined.add_metric([secret, *store_labels(store)], count)
     yield from (items, estimate, done, census, unreadable, taken, quarantined)
+
+
+def _step_and_pass(checkpoint_step: str) -> tuple[str, int]:
+    """("reencrypt", 1) for "reencrypt/1"; ("manual", n) for a forced run's "manual-<ms>/<n>"."""
+    step, _, number = checkpoint_step.partition("/")
+    return ("manual" if step.startswith("manual-") else step), int(number) if number.isdigit() else 0
 
 
 def _webhook_families(snap: StateSnapshot, consumers: list[str]) -> Iterator[Metric]:
@@ -274,4 +286,4 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type.  Blocks on the state database: call it
         from a worker thread, not the event loop."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE
