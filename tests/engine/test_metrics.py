@@ -7,12 +7,15 @@ as the daemon's /metrics does; samples are parsed with prometheus_client's own p
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
@@ -257,3 +260,48 @@ def test_scrape_cost_does_not_grow_with_the_number_of_secrets(make_harness: Harn
 def test_store_labels() -> None:
     assert store_labels("bot-db.stores[3]:redis:sess:*[token]") == ("3", "redis")
     assert store_labels("odd label") == ("odd label", "")
+
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+METRIC_NAME = re.compile(r"\b((?:rotatord|process)_[a-z_]+)\b")
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every sample name the exposition can carry: gauges as named, counters with _total."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _hash, _type, name, kind = line.split()
+            found.add(f"{name}_total" if kind == "counter" and not name.endswith("_total") else name)
+    return found
+
+
+def test_dashboard_and_alert_rules_use_only_exposed_metrics(rig: tuple[Runtime, Metrics, FixedClock]) -> None:
+    _runtime, metrics, _clock = rig
+    text, _samples = scrape(metrics)
+    exposed = exposed_names(text)
+    assert {"rotatord_step_failures_total", "rotatord_rotations_total", "rotatord_webhook_pending"} <= exposed
+
+    rules = yaml.safe_load((CONTRIB / "prometheus" / "rotatord-alerts.yml").read_text())
+    [group] = rules["groups"]
+    alerts = {rule["alert"]: rule for rule in group["rules"]}
+    for required in ("RotationOverdue", "RotationFailed", "WebhookDeliveriesFailing", "QuarantineNotEmpty"):
+        assert f"Rotatord{required}" in alerts
+    rule_exprs = []
+    for name, rule in alerts.items():
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, name
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), name
+        assert rule["expr"].count("(") == rule["expr"].count(")"), name
+        rule_exprs.append(rule["expr"])
+
+    dashboard = json.loads((CONTRIB / "grafana" / "rotatord-dashboard.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] == "rotatord" and dashboard["schemaVersion"] >= 30
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    panel_exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    variables = [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert len(panel_exprs) >= 20
+    used = {m for expr in rule_exprs + panel_exprs + variables for m in METRIC_NAME.findall(expr)}
+    assert used, "no metric names found"
+    assert used - exposed == set(), "dashboard or alert rules name metrics rotatord does not expose"
