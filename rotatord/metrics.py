@@ -4,7 +4,9 @@ Almost everything is read from the state database at scrape time by :class:`Stat
 (one query per table, see :mod:`rotatord.engine.snapshot`), so the numbers are those every
 instance and ``rotatord status`` see, survive restarts, and need no bookkeeping in the engine.
 Only what the database does not hold is counted in process: failed steps and backend errors,
-by the error's class name (:meth:`Metrics.record_failure`, wired to ``Engine.on_failure``).
+by the error's class name (:meth:`Metrics.record_failure`, wired to ``Engine.on_failure``), and
+webhook attempts by result (:meth:`Metrics.record_attempt`, ``OutboxWorker.on_attempt``): the
+outbox keeps every delivered row forever, so counting those at each scrape would grow with history.
 
 Labels carry names only: secret, backend, consumer, store index and kind, key id ("v7"), step,
 phase, status, error class.  Never key material, a URL, a path of a secret's value or an error
@@ -29,12 +31,13 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .config import SecretSettings
 from .engine.policy import next_rotation_due
-from .engine.snapshot import StateSnapshot, take_snapshot
+from .engine.snapshot import OPEN_STATUSES, StateSnapshot, take_snapshot
 from .errors import BackendError, RotatordError
 from .timeutil import Clock, SystemClock
 
 if TYPE_CHECKING:
     from .daemon.runtime import Runtime
+    from .notify.outbox import AttemptRecord
 
 __all__ = ["CONTENT_TYPE", "ROLES", "Metrics", "RoleProvider", "StateCollector", "store_labels"]
 
@@ -45,7 +48,6 @@ ROLES = ("single", "leader", "standby")
 RoleProvider = Callable[[], str]
 RuntimeProvider = Callable[[], "Runtime | None"]
 _STORE_LABEL = re.compile(r"\.stores\[(\d+)\]:([a-z_]+):")
-_DELIVERY_STATUSES = ("pending", "delivered", "skipped", "dead")
 _RESULTS = {"done": "completed", "rolled_back": "rolled_back"}
 #: The classic text format: every Prometheus version reads it, and all our names are plain.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -224,7 +226,7 @@ def _step_and_pass(checkpoint_step: str) -> tuple[str, int]:
 
 def _webhook_families(snap: StateSnapshot, consumers: list[str]) -> Iterator[Metric]:
     deliveries = _g(
-        "rotatord_webhook_deliveries", "Webhook outbox rows, by consumer and status", ["consumer", "status"]
+        "rotatord_webhook_deliveries", "Webhooks waiting (pending) or dead-lettered (dead)", ["consumer", "status"]
     )
     retrying = _g("rotatord_webhook_retrying", "Pending webhooks that failed at least once", ["consumer"])
     failing = _g(
@@ -234,7 +236,7 @@ def _webhook_families(snap: StateSnapshot, consumers: list[str]) -> Iterator[Met
     success = _g("rotatord_webhook_last_success_timestamp_seconds", "When the consumer last answered 2xx", ["consumer"])
     pending = 0
     for consumer in sorted(set(consumers) | {c for c, _ in snap.deliveries}):
-        for status in _DELIVERY_STATUSES:
+        for status in OPEN_STATUSES:
             deliveries.add_metric([consumer, status], snap.deliveries.get((consumer, status), 0))
         pending += snap.deliveries.get((consumer, "pending"), 0)
         retrying.add_metric([consumer], snap.retrying.get(consumer, 0))
@@ -275,6 +277,10 @@ class Metrics:
             "rotatord_backend_errors", "Errors from secret backends during rotations, by error class",
             ["backend", "error"], registry=self.registry,
         )  # fmt: skip
+        self._attempts = Counter(
+            "rotatord_webhook_attempts", "Webhook delivery attempts, by result (delivered, failed: retried, "
+            "dead: retries exhausted, gone: 410)", ["consumer", "result"], registry=self.registry,
+        )  # fmt: skip
 
     def record_failure(self, secret: SecretSettings, step: str, exc: Exception) -> None:
         """Count a failed step (an ``Engine.on_failure`` observer).  Thread-safe."""
@@ -282,6 +288,18 @@ class Metrics:
         self._step_failures.labels(secret.name, step, error).inc()
         if isinstance(exc, BackendError):
             self._backend_errors.labels(secret.backend, error).inc()
+
+    def record_attempt(self, record: AttemptRecord) -> None:
+        """Count a recorded webhook attempt (an ``OutboxWorker.on_attempt`` observer)."""
+        if record.delivered:
+            result = "delivered"
+        elif record.disable_url is not None:
+            result = "gone"
+        elif record.next_attempt_at is None:
+            result = "dead"
+        else:
+            result = "failed"
+        self._attempts.labels(record.consumer, result).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type.  Blocks on the state database: call it

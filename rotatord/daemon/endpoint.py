@@ -26,8 +26,8 @@ from ..errors import ListenError
 from .http import HttpServer, json_response
 
 if TYPE_CHECKING:
-    from ..engine.runner import Engine
     from ..metrics import Metrics, RoleProvider, RuntimeProvider
+    from .runtime import Runtime
 
 __all__ = ["DB_CHECK_TIMEOUT", "HttpEndpoint", "open_endpoint"]
 
@@ -46,9 +46,11 @@ class HttpEndpoint:
         self.server = server
         self.metrics = metrics
 
-    def observe(self, engine: Engine) -> None:
-        """Count ``engine``'s failed steps (call again for the engine a reload builds)."""
-        engine.on_failure = self.metrics.record_failure
+    def observe(self, runtime: Runtime) -> None:
+        """Count failed steps and webhook attempts (call again for the runtime a reload builds)."""
+        runtime.engine.on_failure = self.metrics.record_failure
+        if runtime.notifier is not None:
+            runtime.notifier.on_attempt = self.metrics.record_attempt
 
     async def close(self) -> None:
         await self.server.close()

@@ -133,7 +133,7 @@ class Daemon:
     def _observe(self) -> None:
         self.runtime.engine.on_change = self._changed_threadsafe
         if self.http is not None:
-            self.http.observe(self.runtime.engine)
+            self.http.observe(self.runtime)
 
     async def _close_http(self) -> None:
         if self.http is not None:

@@ -17,7 +17,10 @@ from ..interfaces import ReencryptReport
 from .journal import Journal, RotationRow, _rotation, outbox, rotations
 from .ledger import _report, census_counts, checkpoints, quarantine
 
-__all__ = ["CensusCount", "EndpointHealth", "StateSnapshot", "StoreProgress", "take_snapshot"]
+#: Outbox statuses counted at each scrape: waiting, and dead-lettered (an operator replays them).
+OPEN_STATUSES = ("pending", "dead")
+
+__all__ = ["OPEN_STATUSES", "CensusCount", "EndpointHealth", "StateSnapshot", "StoreProgress", "take_snapshot"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class StateSnapshot:
     census: list[CensusCount]
     #: (secret, store) -> quarantined items.
     quarantined: dict[tuple[str, str], int]
-    #: (consumer, outbox status) -> rows.
+    #: (consumer, outbox status) -> rows, for the OPEN_STATUSES.
     deliveries: dict[tuple[str, str], int]
     #: consumer -> pending rows that have failed at least once (being retried).
     retrying: dict[str, int]
@@ -100,10 +103,12 @@ def take_snapshot(journal: Journal, *, endpoints: bool) -> StateSnapshot:
                 quarantine.c.secret, quarantine.c.store
             )
         ).all()
+        # Only the open rows: delivered and skipped ones pile up forever, and counting them
+        # would make every scrape scan the whole history (attempts are counted as they happen).
         delivery_rows = conn.execute(
-            select(outbox.c.consumer, outbox.c.status, func.count(), retrying).group_by(
-                outbox.c.consumer, outbox.c.status
-            )
+            select(outbox.c.consumer, outbox.c.status, func.count(), retrying)
+            .where(outbox.c.status.in_(OPEN_STATUSES))
+            .group_by(outbox.c.consumer, outbox.c.status)
         ).all()
         endpoint_rows = _endpoint_rows(conn) if endpoints else []
     return StateSnapshot(

@@ -78,7 +78,7 @@ def test_failed_steps_reach_the_served_metrics(harness: Harness) -> None:
     async def main() -> str:
         endpoint = await open_endpoint(daemon, runtime=lambda: runtime, role=lambda: "single", phase=lambda: "ready")
         assert endpoint is not None
-        endpoint.observe(runtime.engine)
+        endpoint.observe(runtime)
         try:
             # The backend fails for real: a file stands where it must create the secret's directory.
             directory = harness.backend_settings.directory

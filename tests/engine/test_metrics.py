@@ -21,9 +21,12 @@ from sqlalchemy import event
 
 from rotatord.config.model import SqlStoreSettings
 from rotatord.crypto.keyring import multifernet
+from rotatord.daemon.endpoint import HttpEndpoint
+from rotatord.daemon.http import HttpServer
 from rotatord.daemon.runtime import Runtime
 from rotatord.engine.journal import Journal
 from rotatord.metrics import Metrics, store_labels
+from rotatord.notify.outbox import AttemptRecord
 from tests.engine.conftest import (
     CONSUMER,
     EVERY,
@@ -200,7 +203,8 @@ def test_webhook_deliveries_by_consumer_and_status(harness: Harness, rig: tuple[
     runtime.engine.tick(TOKEN, T0)  # issue + revoke: two events for the one consumer
     _text, s = scrape(metrics)
     assert value(s, "rotatord_webhook_deliveries", consumer=CONSUMER, status="pending") == 2
-    assert value(s, "rotatord_webhook_deliveries", consumer=CONSUMER, status="delivered") == 0
+    assert value(s, "rotatord_webhook_deliveries", consumer=CONSUMER, status="dead") == 0
+    assert {labels["status"] for labels in names(s, "rotatord_webhook_deliveries")} == {"pending", "dead"}
     assert value(s, "rotatord_webhook_pending") == 2
     assert value(s, "rotatord_webhook_retrying", consumer=CONSUMER) == 0
     assert value(s, "rotatord_webhook_endpoint_failing", consumer=CONSUMER) == 0
@@ -305,3 +309,26 @@ def test_dashboard_and_alert_rules_use_only_exposed_metrics(rig: tuple[Runtime, 
     used = {m for expr in rule_exprs + panel_exprs + variables for m in METRIC_NAME.findall(expr)}
     assert used, "no metric names found"
     assert used - exposed == set(), "dashboard or alert rules name metrics rotatord does not expose"
+
+
+def test_webhook_attempts_are_counted_by_result(harness: Harness, rig: tuple[Runtime, Metrics, FixedClock]) -> None:
+    runtime, metrics, _clock = rig
+    assert runtime.notifier is not None
+    endpoint = HttpEndpoint(HttpServer(), metrics)
+    endpoint.observe(runtime)  # as the daemon wires it, for each runtime it builds
+    assert runtime.notifier.on_attempt == metrics.record_attempt
+    assert runtime.engine.on_failure == metrics.record_failure
+    later = T0 + PROPAGATION
+    for record in (
+        AttemptRecord(1, CONSUMER, 1, T0, delivered=True),
+        AttemptRecord(2, CONSUMER, 1, T0, False, "HTTP 503", next_attempt_at=later),
+        AttemptRecord(2, CONSUMER, 2, later, False, "HTTP 503", next_attempt_at=later),
+        AttemptRecord(3, CONSUMER, 8, T0, False, "timeout"),
+        AttemptRecord(4, "other", 1, T0, False, "HTTP 410", disable_url="0" * 64),
+    ):
+        metrics.record_attempt(record)
+    _text, s = scrape(metrics)
+    assert value(s, "rotatord_webhook_attempts_total", consumer=CONSUMER, result="delivered") == 1
+    assert value(s, "rotatord_webhook_attempts_total", consumer=CONSUMER, result="failed") == 2
+    assert value(s, "rotatord_webhook_attempts_total", consumer=CONSUMER, result="dead") == 1
+    assert value(s, "rotatord_webhook_attempts_total", consumer="other", result="gone") == 1
