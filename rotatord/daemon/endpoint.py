@@ -23,10 +23,10 @@ from sqlalchemy import select
 
 from ..config.model import DaemonSettings
 from ..errors import ListenError
-from .http import HttpServer, json_response
 
 if TYPE_CHECKING:
     from ..metrics import Metrics, RoleProvider, RuntimeProvider
+    from .http import HttpServer
     from .runtime import Runtime
 
 __all__ = ["DB_CHECK_TIMEOUT", "HttpEndpoint", "open_endpoint"]
@@ -66,7 +66,9 @@ async def open_endpoint(
     address = daemon.metrics_address
     if address is None:
         return None
-    from ..metrics import Metrics  # prometheus_client is loaded only when metrics are on
+    # prometheus_client and aiohttp's server are loaded only when the endpoint is on.
+    from ..metrics import Metrics
+    from .http import HttpServer, json_response
 
     metrics = Metrics(runtime, role=role, ready=lambda: phase() == "ready")
     server = HttpServer()

@@ -332,3 +332,13 @@ def test_webhook_attempts_are_counted_by_result(harness: Harness, rig: tuple[Run
     assert value(s, "rotatord_webhook_attempts_total", consumer=CONSUMER, result="failed") == 2
     assert value(s, "rotatord_webhook_attempts_total", consumer=CONSUMER, result="dead") == 1
     assert value(s, "rotatord_webhook_attempts_total", consumer="other", result="gone") == 1
+
+
+def test_prometheus_client_is_imported_by_one_module() -> None:
+    package = Path(__file__).resolve().parents[2] / "rotatord"
+    importers = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(from|import) prometheus_client\b", path.read_text(), re.MULTILINE)
+    )
+    assert importers == ["metrics.py"]
