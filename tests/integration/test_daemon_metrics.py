@@ -7,6 +7,7 @@ daemon its own free port through the same environment override.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sqlite3
 import urllib.error
@@ -131,3 +132,26 @@ def test_a_bad_address_is_a_config_error(config: Path, command: str) -> None:
     assert result.stderr.startswith(
         'rotatord: config error: daemon.metrics (from $ROTATORD_DAEMON__METRICS): must be "host:port"'
     )
+
+
+def test_the_address_comes_from_the_file_and_cannot_change_on_reload(
+    config: Path, notify: NotifyListener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ROTATORD_DAEMON__METRICS")  # the file decides, as in production
+    port, other = free_port(), free_port()
+    shipped = 'metrics = "127.0.0.1:9464"'
+    config.write_text(config.read_text().replace(shipped, f'metrics = "127.0.0.1:{port}"'))
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", notify)
+    try:
+        daemon.wait_ready()
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        config.write_text(config.read_text().replace(f"127.0.0.1:{port}", f"127.0.0.1:{other}"))
+        mark = len(notify.messages)
+        daemon.signal(signal.SIGHUP)
+        notify.wait_for("READY", "1", since=mark)
+        wait_until(lambda: "daemon.metrics cannot change on reload" in daemon.log_text(), what="the refusal")
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert refused(other)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
