@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
 from .config import SecretSettings
@@ -89,8 +90,9 @@ class StateCollector(Collector):
         yield _gauge("rotatord_secrets", "Managed secrets configured", len(secrets))
         try:
             snap = take_snapshot(runtime.journal, endpoints=bool(consumers))
-        except (RotatordError, OSError) as exc:
-            log.warning("metrics: cannot read the state database", extra={"error": str(exc)})
+        except (RotatordError, SQLAlchemyError, OSError) as exc:
+            # Reported as a metric (and alerted on), not as a failed scrape: the rest still counts.
+            log.warning("metrics: cannot read the state database", extra={"error": type(exc).__name__})
             yield _gauge("rotatord_state_db_up", "1 when the scrape could read the state database", 0)
             return
         yield _gauge("rotatord_state_db_up", "1 when the scrape could read the state database", 1)
@@ -234,16 +236,16 @@ def _webhook_families(snap: StateSnapshot, consumers: list[str]) -> Iterator[Met
     )
     disabled = _g("rotatord_webhook_endpoint_disabled", "1 when the endpoint answered 410 Gone", ["consumer"])
     success = _g("rotatord_webhook_last_success_timestamp_seconds", "When the consumer last answered 2xx", ["consumer"])
-    pending = 0
-    for consumer in sorted(set(consumers) | {c for c, _ in snap.deliveries}):
+    # Per configured consumer only: rows of a consumer removed from the configuration are
+    # dead-lettered by the worker and would otherwise stay as series nobody can act on.
+    pending = sum(n for (_consumer, status), n in snap.deliveries.items() if status == "pending")
+    for consumer in sorted(consumers):
         for status in OPEN_STATUSES:
             deliveries.add_metric([consumer, status], snap.deliveries.get((consumer, status), 0))
-        pending += snap.deliveries.get((consumer, "pending"), 0)
         retrying.add_metric([consumer], snap.retrying.get(consumer, 0))
         endpoint = snap.endpoints.get(consumer)
-        if consumer in consumers:
-            failing.add_metric([consumer], 1 if endpoint and endpoint.failing else 0)
-            disabled.add_metric([consumer], 1 if endpoint and endpoint.disabled else 0)
+        failing.add_metric([consumer], 1 if endpoint and endpoint.failing else 0)
+        disabled.add_metric([consumer], 1 if endpoint and endpoint.disabled else 0)
         if endpoint is not None and endpoint.last_success_at is not None:
             success.add_metric([consumer], endpoint.last_success_at.timestamp())
     yield from (deliveries, _gauge("rotatord_webhook_pending", "Webhooks waiting to be delivered", pending))
