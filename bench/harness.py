@@ -98,7 +98,8 @@ class Workspace:
             f'log_level = "{log_level}"\n'
             'startup_jitter = "0s"\n'
             'step_retry_initial = "5s"\n'
-            'step_retry_max = "10m"\n\n'
+            'step_retry_max = "10m"\n'
+            'metrics = "off"\n\n'
             "[backends.local]\n"
             'kind = "file"\n'
             f'directory = "{self.root / "secrets"}"\n'

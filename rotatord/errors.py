@@ -8,6 +8,7 @@ Subclasses follow what the operator does next, not where the error was raised::
     │   └── UnknownSecret              the name is not a managed secret
     ├── DaemonNotRunning               start the daemon, or use --offline  (exit 69, EX_UNAVAILABLE)
     ├── LockHeld                       another instance owns this state    (exit 75, EX_TEMPFAIL)
+    ├── ListenError                    free the address or configure another (exit 69, EX_UNAVAILABLE)
     ├── BackendError                   check the secret backend
     │   ├── BackendUnavailable         transient: rotatord retries it      (exit 75)
     │   ├── PermissionDenied           grant the documented policy         (exit 77, EX_NOPERM)
@@ -44,6 +45,7 @@ __all__ = [
     "DaemonNotRunning",
     "DecryptError",
     "DocumentInvalid",
+    "ListenError",
     "LockHeld",
     "NotManaged",
     "PermissionDenied",
@@ -96,6 +98,12 @@ class DaemonNotRunning(RotatordError):
 class LockHeld(RotatordError):
     exit_code = 75
     transient = True
+
+
+class ListenError(RotatordError):
+    """A configured listening address cannot be bound (in use, not local, not permitted)."""
+
+    exit_code = 69
 
 
 class BackendError(RotatordError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,11 @@ import pytest
 from rotatord.logs import NOISY_LOGGERS, setup_logging
 
 pytest_plugins = ["tests.servers.openbao", "tests.servers.moto", "tests.servers.databases"]
+
+# Daemons started by tests serve no metrics unless a test asks for them: config.example.toml
+# binds 127.0.0.1:9464, and test runs in parallel (or a local Prometheus exporter) would collide.
+# The environment override beats the TOML, and every child process inherits it.
+os.environ.setdefault("ROTATORD_DAEMON__METRICS", "off")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from ..timeutil import parse_duration
 
 __all__ = [
     "BASE_DIR",
+    "METRICS_OFF",
     "NAME_RE",
     "PATH_RE",
     "SOCKET_MODE_RE",
@@ -40,6 +42,7 @@ __all__ = [
     "FileBackendSettings",
     "VaultBackendSettings",
     "FilesStoreSettings",
+    "listen_address",
     "RedisStoreSettings",
     "SecretSettings",
     "SqlStoreSettings",
@@ -83,6 +86,43 @@ def _empty_mapping() -> Mapping[str, Any]:
 RelPath = Annotated[Path, AfterValidator(_resolve)]
 Duration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_non_negative)]
 Name = Annotated[str, Field(pattern=NAME_RE)]
+#: The value of ``daemon.metrics`` that switches the HTTP endpoint (metrics and /healthz) off.
+METRICS_OFF = "off"
+
+
+def listen_address(value: str) -> tuple[str, int] | None:
+    """``"host:port"`` (an IP address or ``localhost``; IPv6 in brackets) -> (ip, port); ``"off"`` -> None.
+
+    Raises ValueError naming the accepted forms.  Host names other than ``localhost`` are refused:
+    the address to bind must not depend on DNS.
+    """
+    if value == METRICS_OFF:
+        return None
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets: the port is ambiguous
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+        port = int(port_text) if port_text.isdigit() else -1
+    except ValueError:
+        port = -1
+    if not sep or port < 1 or port > 65535:
+        raise ValueError(
+            f'must be "host:port" (an IP address or localhost, IPv6 in brackets, port 1-65535) '
+            f'or "{METRICS_OFF}", not {value!r}'
+        )
+    return str(ip), port
+
+
+def _metrics_address(value: str) -> str:
+    listen_address(value)
+    return value
+
+
 CredentialName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
 
 
@@ -101,6 +141,8 @@ class DaemonSettings(_Frozen):
     startup_jitter: Duration = timedelta(seconds=30)
     step_retry_initial: Duration = timedelta(seconds=5)
     step_retry_max: Duration = timedelta(minutes=10)
+    #: Prometheus /metrics and /healthz over HTTP: "host:port", or "off".
+    metrics: Annotated[str, AfterValidator(_metrics_address)] = "127.0.0.1:9464"
 
     @property
     def database_url(self) -> str:
@@ -117,6 +159,11 @@ class DaemonSettings(_Frozen):
     @property
     def socket_mode_int(self) -> int:
         return int(self.socket_mode, 8)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where to serve /metrics and /healthz, or None when switched off."""
+        return listen_address(self.metrics)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ..logs import setup_logging
 from ..schedule import JobScheduler
 from ..timeutil import Clock, SystemClock, format_ts, parse_ts
 from .control import ControlServer
+from .endpoint import HttpEndpoint, open_endpoint
 from .lock import StateLock
 from .protocol import Request
 from .runtime import Runtime, build_runtime
@@ -43,7 +45,13 @@ CLOCK_JUMP_SECONDS = 2.0
 
 
 class Daemon:
-    def __init__(self, config_path: Path, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        settings: Settings,
+        clock: Clock | None = None,
+        role: Callable[[], str] | None = None,
+    ) -> None:
         self.config_path = config_path
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -62,6 +70,10 @@ class Daemon:
         self._notify_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        #: "single", or "leader" / "standby" with several instances (shown by metrics and /healthz).
+        self.role: Callable[[], str] = role or (lambda: "single")
+        self.http: HttpEndpoint | None = None
+        self._ready = False
 
     @property
     def runtime(self) -> Runtime:
@@ -78,8 +90,12 @@ class Daemon:
         daemon.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock.acquire()
         try:
+            # Bound first: an address in use stops the start before anything has been done.
+            # self.role is read at each call, so a role provider set after construction counts.
+            role = lambda: self.role()  # noqa: E731, PLW0108
+            self.http = await open_endpoint(daemon, runtime=lambda: self._runtime, role=role, phase=self._phase)
             self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=lambda: self._stopping)
-            self.runtime.engine.on_change = self._changed_threadsafe
+            self._observe()
             self.notifier.status("resuming unfinished rotations")
             resumed = await self._loop.run_in_executor(None, self._resume)
             fds = listen_fds()
@@ -95,6 +111,7 @@ class Daemon:
                 self._loop.add_signal_handler(sig, handler)
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
             self.notifier.ready(self._status_line())
+            self._ready = True
             log.info(
                 "rotatord ready",
                 extra={"secrets": len(self.settings.secrets), "resumed": resumed, "socket": str(daemon.socket_path)},
@@ -110,12 +127,26 @@ class Daemon:
             sweep.cancel()
             await self._stop_notifier()
             await self.control.close()
+            await self._close_http()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
             self.runtime.close()
             log.info("stopped cleanly")
             return 0
         finally:
+            await self._close_http()
             lock.release()
+
+    def _phase(self) -> str:
+        return "stopping" if self._stopping else "ready" if self._ready else "starting"
+
+    def _observe(self) -> None:
+        self.runtime.engine.on_change = self._changed_threadsafe
+        if self.http is not None:
+            self.http.observe(self.runtime)
+
+    async def _close_http(self) -> None:
+        if self.http is not None:
+            await self.http.close()
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -284,6 +315,8 @@ class Daemon:
                 old.socket_path,
             ):
                 raise ConfigError("daemon.state_dir, state_url and control_socket cannot change on reload; restart")
+            if new.daemon.metrics != old.metrics:
+                raise ConfigError("daemon.metrics cannot change on reload; restart")
             assert self._loop is not None
             runtime = await self._loop.run_in_executor(
                 None,
@@ -297,7 +330,7 @@ class Daemon:
             return
         await self._stop_notifier()
         old_runtime, self._runtime, self.settings = self.runtime, runtime, new
-        runtime.engine.on_change = self._changed_threadsafe
+        self._observe()
         old_runtime.close_connections()
         self._start_notifier()
         setup_logging(new.daemon.log_level)

@@ -91,6 +91,8 @@ class Engine:
             self._locks.setdefault(name, threading.RLock())
         self._crash_points = {p for p in os.environ.get(CRASH_ENV, "").split(",") if p}
         self.on_change: Callable[[str], None] | None = None
+        #: Told of every failed step (and failed start) with the error, e.g. to count it in metrics.
+        self.on_failure: Callable[[SecretSettings, str, Exception], None] | None = None
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -117,6 +119,7 @@ class Engine:
                     rot = self._start(name, trigger="schedule", emergency=False, reason=None, now=now)
                 except RotatordError as exc:
                     log.error("cannot start rotation", extra={"secret": name, "error": str(exc)})
+                    self._failure(self.setting(name), "start", exc)
                     return now + self.retry.delay(1)
             return self._advance(rot, now)
 
@@ -322,8 +325,9 @@ class Engine:
             extra={"secret": rot.secret, "version": rot.version, "step": step, "error": message,
                    "attempt": attempts, "retry_at": retry_at.isoformat()},
         )  # fmt: skip
+        secret = self.setting(rot.secret)
+        self._failure(secret, step, exc)
         if attempts == 1:
-            secret = self.setting(rot.secret)
             self._audit("rotation.failed", rot, actor=rot.trigger, step=step, error=message)
             outcome = StepOutcome({}, {}, {"step": step, "error": message})
             self.journal.queue_events(self._events(secret, rot, "rotation.failed", rot.phase, outcome, now), now)
@@ -568,6 +572,14 @@ class Engine:
         if point in self._crash_points:
             log.warning("test crash point reached", extra={"point": point})
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _failure(self, secret: SecretSettings, step: str, exc: Exception) -> None:
+        if self.on_failure is None:
+            return
+        try:
+            self.on_failure(secret, step, exc)
+        except Exception:  # counting a failure must never become one
+            log.exception("failure observer failed", extra={"secret": secret.name})
 
     def _changed(self, name: str) -> None:
         if self.on_change is None:

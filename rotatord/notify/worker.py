@@ -112,6 +112,8 @@ class OutboxWorker(Notifier):
             raise ConfigError(f"notify.ca_bundle: cannot load {notify.ca_bundle}: {why}") from None
         for consumer in consumers.values():
             self.policy.target_problem(consumer.url)  # parse each URL once, now, not per delivery
+        #: Told of every attempt once it is recorded (e.g. to count it in metrics); on the loop.
+        self.on_attempt: Callable[[AttemptRecord], None] | None = None
 
     # -- Notifier ----------------------------------------------------------------------------
 
@@ -346,6 +348,8 @@ class OutboxWorker(Notifier):
                 self._inflight.difference_update(r.row_id for r in batch)
         for rec in batch:
             _log_attempt(rec)
+            if self.on_attempt is not None:
+                self.on_attempt(rec)
         for name in newly_failing:
             log.error(
                 "webhook endpoint failing: every attempt failed for notify.failing_after",
