@@ -261,7 +261,7 @@ def cross_check(settings: Settings) -> list[str]:
         for hidx, hook in enumerate(s.hooks):
             never = [p for p in hook.phases if p not in _KIND_PHASES[s.kind]]
             if never:
-                problems.append(f"{at(f'hooks[{hidx}].phases')}: {', '.join(never)} never happen(s) to a {s.kind}")
+                problems.append(f"{at(f'hooks[{hidx}].phases')}: not a phase of a {s.kind} secret: {', '.join(never)}")
     problems.extend(_hook_problems(settings.hooks, str))
     for idx, c in enumerate(settings.notify.security_consumers):
         if c not in settings.consumers:
