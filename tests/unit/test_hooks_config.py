@@ -33,7 +33,7 @@ def program(directory: Path, name: str = "hook.sh", mode: int = 0o755) -> Path:
 def config(directory: Path, global_hooks: str = "", secret_hooks: str = "", token_hooks: str = "") -> Path:
     """The example with hooks added: global ones at the end, per-secret ones after each secret."""
     text = EXAMPLE.read_text()
-    marker = "\n[[secrets]]\nname = \"demo-bot-api\""
+    marker = '\n[[secrets]]\nname = "demo-bot-api"'
     assert text.count(marker) == 1
     text = text.replace(marker, f"\n{secret_hooks}\n{marker}")
     text += f"\n{token_hooks}\n{global_hooks}\n"
@@ -79,7 +79,7 @@ def test_hooks_load_with_their_defaults_and_relative_programs_resolve_to_the_con
         ('command = ["/bin/true"]\nphases = []', "hooks[0].phases: Tuple should have at least 1 item"),
         ('command = ["/bin/true"]\nphases = ["staged"]\ntimeout = "0s"', "hooks[0].timeout: must be between 1s and 1h"),
         ('command = ["/bin/true"]\nphases = ["staged"]\non_failure = "abort"', "hooks[0].on_failure: Input should be"),
-        ('command = ["/bin/true"]\nphases = ["staged"]\nenv = { ROTATORD_PHASE = "x" }', "hooks[0].env: names starting"),
+        ('command = ["/bin/true"]\nphases = ["staged"]\nenv = { ROTATORD_X = "x" }', "hooks[0].env: names starting"),
         ('command = ["/bin/true"]\nphases = ["staged"]\nenv = { "A-B" = "x" }', "hooks[0].env.A-B.[key]: must be an"),
         ('command = ["/bin/true"]\nphases = ["staged"]\nshell = true', "hooks[0].shell: unknown key"),
     ],
