@@ -120,4 +120,9 @@ def history_report(engine: Engine, name: str, limit: int = 50) -> list[dict[str,
                 ],
             }
         )
+        if engine.hooks is not None and engine.hooks.configured(name):
+            rows[-1]["hooks"] = [
+                {"hook": h.label, "phase": h.phase, "state": h.state, "attempts": h.attempts, "error": h.last_error}
+                for h in engine.hooks.ledger.runs(rot.id)
+            ]
     return rows

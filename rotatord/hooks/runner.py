@@ -168,6 +168,8 @@ class HookRunner:
     def gate(self, secret: SecretSettings, rot: RotationRow, now: datetime) -> datetime | None:
         """Run what is due; if a ``block`` hook of this rotation's phases has not succeeded yet,
         record why the rotation is held and return when to look again, else None."""
+        if not self.configured(secret.name):
+            return None
         self.run_due(secret, now)
         specs = {spec.key: spec for spec in self._specs.get(secret.name, ())}
         held = [

@@ -262,7 +262,7 @@ def test_a_hook_that_times_out_is_killed_with_everything_it_started(
 def test_block_holds_the_rotation_at_its_phase_until_the_hook_succeeds(
     make_harness: HarnessFactory, tmp_path: Path, out: Path
 ) -> None:
-    from rotatord.engine.report import secret_status
+    from rotatord.engine.report import history_report, secret_status
 
     program = script(tmp_path, "until_flag.py", UNTIL_FLAG)
     gate = hook(program, out, "staged", on_failure="block", env={"LABEL": "gate"})
@@ -290,6 +290,10 @@ def test_block_holds_the_rotation_at_its_phase_until_the_hook_succeeds(
     assert (rot.phase, rot.status, rot.error) == ("retired", "done", None)
     assert count(out, "gate") == 3
     assert hook_rows(h) == [(f"{FERNET}.hooks[0]", "staged", "done", 3)]
+    (latest,) = history_report(rt.engine, FERNET)
+    assert latest["hooks"] == [
+        {"hook": f"{FERNET}.hooks[0]", "phase": "staged", "state": "done", "attempts": 3, "error": None}
+    ]
     assert [e["attempt"] for e in audit_events(rt, "hook.failed")] == [1]
     assert [e["attempt"] for e in audit_events(rt, "hook.succeeded")] == [3]
 
