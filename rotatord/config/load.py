@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings.exceptions import SettingsError
 
 from ..errors import ConfigError
+from ..logs import redact_text
 from .model import (
     BASE_DIR,
     ENV_NAME_RE,
@@ -292,6 +293,12 @@ def _hook_problems(hooks: tuple[HookSettings, ...], at: Callable[[str], str]) ->
             first = seen[hook.command]
             problems.append(f"{at(f'hooks[{idx}].command')}: the same command as hooks[{first}]; merge their phases")
         seen.setdefault(hook.command, idx)
+        for key, value in hook.env.items():
+            if redact_text(value) != value:
+                problems.append(
+                    f"{at(f'hooks[{idx}].env.{key}')}: looks like key material; secrets are never written in "
+                    "the configuration (let the hook read a file, or use with_secret for the rotated one)"
+                )
         if hook.name is not None:
             if hook.name in names:
                 problems.append(f"{at(f'hooks[{idx}].name')}: duplicate hook name (also hooks[{names[hook.name]}])")

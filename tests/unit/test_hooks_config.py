@@ -82,6 +82,10 @@ def test_hooks_load_with_their_defaults_and_relative_programs_resolve_to_the_con
         ('command = ["/bin/true"]\nphases = ["staged"]\nenv = { ROTATORD_X = "x" }', "hooks[0].env: names starting"),
         ('command = ["/bin/true"]\nphases = ["staged"]\nenv = { "A-B" = "x" }', "hooks[0].env.A-B.[key]: must be an"),
         ('command = ["/bin/true"]\nphases = ["staged"]\nshell = true', "hooks[0].shell: unknown key"),
+        (
+            'command = ["/bin/true"]\nphases = ["staged"]\nenv = { KEY = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" }',
+            "hooks[0].env.KEY: looks like key material",
+        ),
     ],
 )
 def test_bad_hook_settings_are_named_by_their_toml_path(tmp_path: Path, hooks: str, expected: str) -> None:
