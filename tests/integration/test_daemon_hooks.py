@@ -117,3 +117,62 @@ def test_hooks_run_once_per_phase_when_the_daemon_is_killed_right_after_a_phase(
     assert json.loads(got[f"{FERNET}-staged-2"]["stdin"])["key_id"] == "v2"
     texts = [json.dumps(r) for r in got.values()]
     assert_no_material(seen, files=[log, tmp_path / "var" / "audit.log"], texts=texts)
+
+
+# Counts every run; the first run of rotation 2's "promoted" hook SIGKILLs the daemon (its parent)
+# while it is still running, as a crash in the middle of a hook would.
+KILL_PARENT_ONCE = """
+import json, os, signal, sys
+event = json.load(sys.stdin)
+out = os.environ["HOOK_OUT"]
+key = "{}-{}-{}".format(event["secret"], event["phase"], event["version"])
+with open(os.path.join(out, "runs"), "a") as f:
+    f.write(key + "\\n")
+if key == "demo-bot-db-promoted-2" and not os.path.exists(os.path.join(out, "killed")):
+    open(os.path.join(out, "killed"), "w").close()
+    os.kill(os.getppid(), signal.SIGKILL)
+"""
+
+
+def test_a_hook_cut_short_by_a_daemon_crash_runs_again_once_after_the_restart(
+    tmp_path: Path, socket_dir: str, notify: NotifyListener
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    program = tmp_path / "kill_parent_once.py"
+    program.write_text(f"#!{sys.executable}\n{KILL_PARENT_ONCE}")
+    program.chmod(0o755)
+    hook = (
+        f'[[secrets.hooks]]\ncommand = ["{program}"]\nphases = ["staged", "promoted", "reencrypted", "retired"]\n'
+        f'env = {{ HOOK_OUT = "{out}" }}\n'
+    )
+    config = write_config(tmp_path, socket_dir, replacements={SECRET_HOOK_AT: SECRET_HOOK_AT + hook})
+    assert cli(config, "init").returncode == 0
+    runtime = build_runtime(load_settings(config))
+    try:
+        runtime.engine.tick(FERNET, utcnow())
+    finally:
+        runtime.close()
+    log = tmp_path / "daemon.log"
+
+    first = DaemonProcess(config, log, notify)
+    try:
+        first.wait_ready()
+        cli(config, "rotate", FERNET, timeout=30)  # its reply may be lost: the hook kills the daemon
+        assert first.wait(30) == -9
+    finally:
+        first.kill()
+    assert _versions(config, FERNET) == [(1, "done"), (2, "active")]
+
+    second = DaemonProcess(config, log, notify)
+    try:
+        second.wait_ready()
+        wait_until(lambda: _versions(config, FERNET)[-1] == (2, "done"), timeout=40, what="rotation 2")
+        # The retired hooks run just after the phase commits; a stop before that would defer them.
+        wait_until(lambda: f"{FERNET}-retired-2" in (out / "runs").read_text(), what="the retired hook")
+        assert second.stop() == 0
+    finally:
+        second.kill()
+    runs = (out / "runs").read_text().splitlines()
+    phases = ("staged", "promoted", "reencrypted", "retired")
+    assert sorted(runs) == sorted([f"{FERNET}-{p}-{v}" for p in phases for v in (1, 2)] + [f"{FERNET}-promoted-2"])
