@@ -42,6 +42,8 @@ class ProcessResult:
     truncated: bool
     seconds: float
     error: str | None = None
+    #: The timeout the run had, in seconds.
+    limit: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -55,7 +57,7 @@ class ProcessResult:
             code = self.returncode if self.returncode is not None else -1
             return f"exited with status {code}" if code >= 0 else f"killed by signal {-code}"
         if self.outcome == "timeout":
-            return f"timed out after {self.seconds:.0f}s and was killed"
+            return f"timed out after {self.limit:g}s and was killed"
         if self.outcome == "stopped":
             return "interrupted: the daemon is stopping"
         return self.error or "could not start"
@@ -176,4 +178,5 @@ def run_process(
         drains[1].text(),
         any(d.dropped for d in drains),
         seconds,
+        limit=timeout,
     )

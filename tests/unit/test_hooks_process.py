@@ -52,3 +52,9 @@ def test_a_shutdown_interrupts_the_run(tmp_path: Path) -> None:
     result = run_process([sh(tmp_path, f"touch {marker}; exec sleep 60")], ENV, b"", 60, marker.exists)
     assert result.outcome == "stopped"
     assert result.describe() == "interrupted: the daemon is stopping"
+
+
+def test_a_hook_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    result = run_process([sh(tmp_path, "trap '' TERM; sleep 60 & wait; sleep 60")], ENV, b"", 1)
+    assert result.outcome == "timeout"
+    assert result.describe() == "timed out after 1s and was killed"
