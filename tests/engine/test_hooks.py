@@ -213,6 +213,23 @@ def test_with_secret_gives_the_material_on_stdin_only_and_the_log_masks_an_echo(
     assert_no_material(seen, texts=[logged, rt.audit.path.read_text()])
 
 
+def test_with_secret_on_a_fernet_ring_gives_the_rotations_new_key(
+    make_harness: HarnessFactory, tmp_path: Path, out: Path
+) -> None:
+    program = script(tmp_path, "record.py", RECORD)
+    h = make_harness(fernet_secret(hooks=(hook(program, out, "staged", with_secret=True),)))
+    rt = h.build()
+    rt.engine.tick(FERNET, T0)
+    rt.engine.tick(FERNET, T1)
+    ring = h.ring()
+    assert (ring.primary, [k.id for k in ring.keys]) == ("v1", ["v1", "v2"])
+    given = json.loads(records(out)[f"{FERNET}-staged-2"]["stdin"])["material"]
+    new_key = ring.key("v2")
+    assert new_key is not None
+    assert given == {"key_id": "v2", "key": new_key.material.reveal(), "primary": "v1"}
+    assert_no_material(materials(ring), texts=[json.dumps(r["env"]) for r in records(out).values()])
+
+
 # -- timeouts and failure policies ---------------------------------------------------------------
 
 SPAWN_AND_HANG = """
