@@ -115,7 +115,10 @@ def status(args: argparse.Namespace) -> int:
     out(table(headers, body))
     for r in rows:
         if r.get("error"):
-            out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
+            if r["state"] == "held":
+                out(f"{r['name']}: {r['error']}")
+            else:
+                out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
     if webhooks is not None:
         failing = [e["consumer"] for e in webhooks["endpoints"] if e["failing"] or e["disabled"]]
         line = f"webhooks: {webhooks['pending']} pending, {len(webhooks['dead'])} dead-lettered"

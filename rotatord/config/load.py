@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,19 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings.exceptions import SettingsError
 
 from ..errors import ConfigError
-from .model import BASE_DIR, NAME_RE, PATH_RE, SOCKET_MODE_RE, TOKEN_PREFIX_RE, Settings, backend_kinds
+from ..logs import redact_text
+from .model import (
+    BASE_DIR,
+    ENV_NAME_RE,
+    HOOK_NAME_RE,
+    NAME_RE,
+    PATH_RE,
+    SOCKET_MODE_RE,
+    TOKEN_PREFIX_RE,
+    HookSettings,
+    Settings,
+    backend_kinds,
+)
 
 __all__ = ["DEFAULT_PATH", "ENV_PREFIX", "config_path", "cross_check", "load_settings"]
 
@@ -33,6 +46,15 @@ _PATTERN_HINTS = {
     PATH_RE: "must be segments of letters, digits, '.', '_' or '-' separated by single '/' (no leading '/')",
     SOCKET_MODE_RE: "must be an octal file mode such as '0660'",
     TOKEN_PREFIX_RE: "must be 2 to 16 lowercase letters and digits, starting with a letter",
+    HOOK_NAME_RE: "must be 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ENV_NAME_RE: "must be an environment variable name (letters, digits, '_'; not starting with a digit)",
+}
+# The phases each kind goes through.  api_token / webhook_secret: a hook listing "promoted" also
+# runs at "issued" (the new credential is the one in use) and "retired" at "revoked".
+_KIND_PHASES = {
+    "fernet": {"staged", "promoted", "reencrypted", "retired", "failed", "drift"},
+    "api_token": {"issued", "revoked", "promoted", "retired", "failed", "drift"},
+    "webhook_secret": {"issued", "revoked", "promoted", "retired", "failed", "drift"},
 }
 
 
@@ -236,6 +258,12 @@ def cross_check(settings: Settings) -> list[str]:
         for c in s.consumers:
             if c not in settings.consumers:
                 problems.append(f"{at('consumers')}: consumer {c!r} is not defined under [consumers]")
+        problems.extend(_hook_problems(s.hooks, at))
+        for hidx, hook in enumerate(s.hooks):
+            never = [p for p in hook.phases if p not in _KIND_PHASES[s.kind]]
+            if never:
+                problems.append(f"{at(f'hooks[{hidx}].phases')}: not a phase of a {s.kind} secret: {', '.join(never)}")
+    problems.extend(_hook_problems(settings.hooks, str))
     for idx, c in enumerate(settings.notify.security_consumers):
         if c not in settings.consumers:
             problems.append(f"notify.security_consumers[{idx}]: consumer {c!r} is not defined under [consumers]")
@@ -252,4 +280,27 @@ def cross_check(settings: Settings) -> list[str]:
                 f"consumers.{cname}.signing_secret: {signing!r} is {what}; "
                 "it must name a secret of kind 'webhook_secret'"
             )
+    return problems
+
+
+def _hook_problems(hooks: tuple[HookSettings, ...], at: Callable[[str], str]) -> list[str]:
+    """Two hooks of one scope with the same command would share their run records."""
+    problems: list[str] = []
+    seen: dict[tuple[str, ...], int] = {}
+    names: dict[str, int] = {}
+    for idx, hook in enumerate(hooks):
+        if hook.command in seen:
+            first = seen[hook.command]
+            problems.append(f"{at(f'hooks[{idx}].command')}: the same command as hooks[{first}]; merge their phases")
+        seen.setdefault(hook.command, idx)
+        for key, value in hook.env.items():
+            if redact_text(value) != value:
+                problems.append(
+                    f"{at(f'hooks[{idx}].env.{key}')}: looks like key material; secrets are never written in "
+                    "the configuration (let the hook read a file, or use with_secret for the rotated one)"
+                )
+        if hook.name is not None:
+            if hook.name in names:
+                problems.append(f"{at(f'hooks[{idx}].name')}: duplicate hook name (also hooks[{names[hook.name]}])")
+            names.setdefault(hook.name, idx)
     return problems

@@ -42,6 +42,8 @@ __all__ = [
     "FileBackendSettings",
     "VaultBackendSettings",
     "FilesStoreSettings",
+    "HOOK_PHASES",
+    "HookSettings",
     "listen_address",
     "RedisStoreSettings",
     "SecretSettings",
@@ -379,6 +381,63 @@ class RedisStoreSettings(_Frozen):
 StoreSettings = Annotated[SqlStoreSettings | FilesStoreSettings | RedisStoreSettings, Field(discriminator="kind")]
 
 
+HookPhase = Literal["staged", "promoted", "reencrypted", "retired", "issued", "revoked", "failed", "drift"]
+HOOK_PHASES: tuple[HookPhase, ...] = get_args(HookPhase)
+ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+HOOK_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+def _hook_program(argv: tuple[str, ...]) -> tuple[str, ...]:
+    # No shell and no $PATH lookup: the program is a path, resolved like every other path here.
+    if not argv:
+        return argv
+    program = argv[0]
+    if "/" not in program:
+        raise ValueError(f"the program must be a path, not {program!r} (no $PATH lookup; e.g. '/usr/bin/{program}')")
+    return (str(_resolve(Path(program))), *argv[1:])
+
+
+def _no_reserved_env(env: Mapping[str, str]) -> Mapping[str, str]:
+    reserved = sorted(k for k in env if k.upper().startswith("ROTATORD_"))
+    if reserved:
+        raise ValueError(f"names starting with ROTATORD_ are set by rotatord itself: {', '.join(reserved)}")
+    return env
+
+
+HookArgv = Annotated[
+    tuple[Annotated[str, Field(min_length=1, max_length=4096)], ...],
+    Field(min_length=1, max_length=256),
+    AfterValidator(_hook_program),
+]
+HookEnv = Annotated[
+    Mapping[Annotated[str, Field(pattern=ENV_NAME_RE)], Annotated[str, Field(max_length=4096)]],
+    AfterValidator(_no_reserved_env),
+    AfterValidator(MappingProxyType),
+    WrapSerializer(_dump_mapping),
+]
+
+
+class HookSettings(_Frozen):
+    """A command run after a lifecycle phase (certbot's deploy hooks): no shell, a clean environment,
+    the event as JSON on stdin.  Secret material goes only to stdin, and only with ``with_secret``."""
+
+    #: Shown in logs, audit records and ``status`` (default: hooks[i] / <secret>.hooks[i]).
+    name: Annotated[str, Field(pattern=HOOK_NAME_RE)] | None = None
+    command: HookArgv
+    phases: Annotated[tuple[HookPhase, ...], Field(min_length=1)]
+    timeout: Duration = timedelta(seconds=60)
+    on_failure: Literal["ignore", "retry", "block"] = "ignore"
+    with_secret: bool = False
+    env: HookEnv = Field(default_factory=_empty_mapping)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_range(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(hours=1):
+            raise ValueError("must be between 1s and 1h")
+        return value
+
+
 class SecretSettings(_Frozen):
     name: Name
     kind: Literal["fernet", "api_token", "webhook_secret"]
@@ -394,6 +453,8 @@ class SecretSettings(_Frozen):
     token_ttl: Duration | None = None
     #: Data re-encrypted under the new key (fernet only).
     stores: tuple[StoreSettings, ...] = ()
+    #: Commands run after this secret's phases (after the global [[hooks]]).
+    hooks: tuple[HookSettings, ...] = ()
 
     @field_validator("path")
     @classmethod
@@ -430,6 +491,8 @@ class Settings(_Frozen):
     consumers: FrozenMapping[ConsumerSettings] = Field(default_factory=_empty_mapping)
     notify: NotifySettings = NotifySettings()
     secrets: tuple[SecretSettings, ...] = ()
+    #: Commands run after the phases of every secret.
+    hooks: tuple[HookSettings, ...] = ()
 
     def secret(self, name: str) -> SecretSettings | None:
         return next((s for s in self.secrets if s.name == name), None)

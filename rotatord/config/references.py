@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..fsutil import check_private_file
 from .model import Settings
 
-__all__ = ["check_references", "credential_path", "private_file_problem", "read_credential"]
+__all__ = ["check_references", "credential_path", "hook_command_problem", "private_file_problem", "read_credential"]
 
 
 def credential_path(name: str) -> Path:
@@ -38,6 +39,25 @@ def private_file_problem(path: Path) -> str | None:
     if _in_credentials_dir(path):
         return None if path.is_file() else f"{path} does not exist"
     return check_private_file(path)
+
+
+def hook_command_problem(program: str) -> str | None:
+    """Why ``program`` cannot be run as a hook, or None.  A hook runs with the daemon's rights
+    (and may receive key material), so a program others may rewrite is refused."""
+    path = Path(program)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{program} does not exist"
+    except OSError as exc:
+        return f"cannot inspect {program} ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{program} is not a regular file"
+    if not os.access(path, os.X_OK):
+        return f"{program} is not executable (chmod 755 it)"
+    if st.st_mode & 0o022:
+        return f"{program} is writable by group or others (mode {st.st_mode & 0o777:04o}); chmod 755 it"
+    return None
 
 
 def read_credential(file: Path | None, credential: str | None, what: str) -> bytes:
@@ -111,4 +131,12 @@ def check_references(settings: Settings, config_file: Path, *, require_existing:
                     if p:
                         suffix = "_file" if ref.file is not None else "_credential"
                         problems.append(f"{where}{suffix}: {p}")
+        for hidx, hook in enumerate(secret.hooks):
+            p = hook_command_problem(hook.command[0])
+            if p:
+                problems.append(f"secrets[{idx}].hooks[{hidx}].command (secret {secret.name!r}): {p}")
+    for hidx, hook in enumerate(settings.hooks):
+        p = hook_command_problem(hook.command[0])
+        if p:
+            problems.append(f"hooks[{hidx}].command: {p}")
     return problems

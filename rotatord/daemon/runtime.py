@@ -79,15 +79,25 @@ def build_runtime(
     backends = {name: open_backend(name, cfg) for name, cfg in settings.backends.items() if name in used}
     stores = open_stores(settings)
     reencryptor = Reencryptor(StoreLedger(journal), utcnow, default_batch_rotator, should_stop)
+    retry = RetryPolicy(daemon.step_retry_initial, daemon.step_retry_max)
+    locks = locks if locks is not None else {}  # the engine and the hook runner share them
+    hooks = None
+    if settings.hooks or any(s.hooks for s in settings.secrets):
+        from ..hooks.runner import HookRunner
+
+        hooks = HookRunner(
+            settings.hooks, settings.secrets, backends, journal, audit, retry, locks=locks, should_stop=should_stop
+        )
     engine = Engine(
         settings.secrets,
         backends,
         journal,
         audit,
-        RetryPolicy(daemon.step_retry_initial, daemon.step_retry_max),
+        retry,
         stores=stores,
         locks=locks,
         reencryptor=reencryptor,
+        hooks=hooks,
     )
     notifier = None
     if settings.consumers:

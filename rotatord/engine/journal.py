@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -209,6 +209,7 @@ class Journal:
                 os.close(os.open(database, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
             except OSError as exc:
                 raise StateError(f"cannot create the state database {database}: {exc.strerror}") from None
+        from ..hooks import ledger as _hook_ledger  # noqa: F401 - registers its table too
         from . import ledger  # noqa: F401 - registers its tables on the shared metadata
 
         try:
@@ -370,11 +371,13 @@ class Journal:
         result: Mapping[str, Any],
         rotation: Mapping[str, Any],
         events: Sequence[tuple[str, Event]] = (),
+        also: Callable[[Connection], None] | None = None,
     ) -> RotationRow:
         """In ONE transaction: mark the step done, move the rotation on, and queue its events.
 
         ``events`` are (consumer, event) pairs for the webhook outbox, so a notification exists
-        exactly when the phase change that causes it does.
+        exactly when the phase change that causes it does.  ``also`` writes more rows in that
+        transaction (the phase's hook runs, see rotatord.hooks.ledger).
         """
         with self._tx() as conn:
             conn.execute(
@@ -389,6 +392,8 @@ class Journal:
             )
             for consumer, ev in events:
                 _queue(conn, consumer, ev, now)
+            if also is not None:
+                also(conn)
         return self.get(rotation_id)
 
     def queue_events(self, events: Sequence[tuple[str, Event]], now: datetime) -> None:

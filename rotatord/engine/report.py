@@ -11,7 +11,7 @@ from typing import Any
 from ..timeutil import format_ts
 from .journal import RotationRow
 from .runner import Engine
-from .states import next_step
+from .states import HELD_BY_HOOK, next_step
 
 __all__ = ["census_report", "history_report", "progress_report", "secret_status"]
 
@@ -44,7 +44,8 @@ def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
     if latest.active:
         step = next_step(latest.kind, latest.phase)
         when = latest.next_attempt_at or _ready_at(latest, step)
-        out["state"] = "failing" if latest.error else "in progress"
+        held = bool(latest.error and latest.error.startswith(HELD_BY_HOOK))
+        out["state"] = "held" if held else "failing" if latest.error else "in progress"
         out["next_step"] = step
         out["next_step_at"] = format_ts(when) if when else format_ts(now)
         out["error"] = latest.error
@@ -119,4 +120,9 @@ def history_report(engine: Engine, name: str, limit: int = 50) -> list[dict[str,
                 ],
             }
         )
+        if engine.hooks is not None and engine.hooks.configured(name):
+            rows[-1]["hooks"] = [
+                {"hook": h.label, "phase": h.phase, "state": h.state, "attempts": h.attempts, "error": h.last_error}
+                for h in engine.hooks.ledger.runs(rot.id)
+            ]
     return rows

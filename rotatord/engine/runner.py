@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..audit import AuditLog
 from ..config import SecretSettings
@@ -42,6 +42,9 @@ from .ledger import StoreLedger
 from .policy import RetryPolicy, next_rotation_due
 from .reencrypt import Reencryptor, serial_batch_rotator
 from .states import EVENT_AFTER, FIRST_PHASE, PHASE_AFTER, next_step
+
+if TYPE_CHECKING:
+    from ..hooks.runner import HookRunner
 
 __all__ = ["CRASH_ENV", "Engine", "StepOutcome"]
 
@@ -76,9 +79,11 @@ class Engine:
         locks: dict[str, threading.RLock] | None = None,
         reencryptor: Reencryptor | None = None,
         gate: AckGate | None = None,
+        hooks: HookRunner | None = None,
     ) -> None:
         self.secrets = {s.name: s for s in secrets}
         self.gate = gate
+        self.hooks = hooks
         self.backends = backends
         self.journal = journal
         self.audit = audit
@@ -110,18 +115,30 @@ class Engine:
         """Scheduler entry: advance the active rotation, or start one that is due.  Returns the
         next time something is due for this secret."""
         with self._lock(name):
-            rot = self.journal.active(name)
-            if rot is None:
-                due = self.next_due(name, now)
-                if due > now:
-                    return due
-                try:
-                    rot = self._start(name, trigger="schedule", emergency=False, reason=None, now=now)
-                except RotatordError as exc:
-                    log.error("cannot start rotation", extra={"secret": name, "error": str(exc)})
-                    self._failure(self.setting(name), "start", exc)
-                    return now + self.retry.delay(1)
-            return self._advance(rot, now)
+            return self._with_hooks(name, self._tick(name, now), now)
+
+    def _tick(self, name: str, now: datetime) -> datetime:
+        rot = self.journal.active(name)
+        if rot is None:
+            due = self.next_due(name, now)
+            if due > now:
+                return due
+            try:
+                rot = self._start(name, trigger="schedule", emergency=False, reason=None, now=now)
+            except RotatordError as exc:
+                log.error("cannot start rotation", extra={"secret": name, "error": str(exc)})
+                self._failure(self.setting(name), "start", exc)
+                return now + self.retry.delay(1)
+        return self._advance(rot, now)
+
+    def _with_hooks(self, name: str, when: datetime, now: datetime) -> datetime:
+        """Run the hook runs that are due (those of finished rotations too) and return the
+        earlier of ``when`` and the next pending hook run."""
+        if self.hooks is None or not self.hooks.configured(name):
+            return when
+        self.hooks.run_due(self.setting(name), now)
+        pending = self.hooks.next_at(name)
+        return min(when, pending) if pending is not None else when
 
     def rotate(self, name: str, *, trigger: str, emergency: bool, reason: str | None, now: datetime) -> RotationRow:
         """Start a rotation now (operator's request) and run the steps that are ready."""
@@ -147,7 +164,7 @@ class Engine:
                 self._audit("rotation.emergency", rot, actor=trigger, reason=reason)
             else:
                 rot = self._start(name, trigger=trigger, emergency=emergency, reason=reason, now=now)
-            self._advance(rot, now)
+            self._with_hooks(name, self._advance(rot, now), now)
             return self.journal.get(rot.id)
 
     def rollback(self, name: str, *, trigger: str, reason: str | None, now: datetime) -> RotationRow:
@@ -264,6 +281,8 @@ class Engine:
                     log.exception("internal error in rollback", extra={"secret": rot.secret})
                     return self._failed(rot, "rollback", exc, now)
                 break
+            if self.hooks is not None and (held := self.hooks.gate(secret, rot, now)) is not None:
+                return held  # a block hook of this phase has not succeeded yet
             step = next_step(rot.kind, rot.phase)
             if step is None:  # every step done but not closed: close it
                 rot = self.journal.update(rot.id, now, status="done", finished_at=now)
@@ -304,7 +323,11 @@ class Engine:
             updates.update(status="done", finished_at=now)
         self._audit(f"rotation.{phase}", rot, actor=rot.trigger, request_id=intent.request_id, **outcome.result)
         events = self._events(secret, rot, EVENT_AFTER.get(step), phase, outcome, now)
-        rot = self.journal.complete_step(rot.id, step, now, outcome.result, updates, events)
+        hook_runs = None
+        if self.hooks is not None:  # recorded with the phase itself: a phase never happens without its hooks
+            event = self._event(secret, rot, EVENT_AFTER.get(step, f"key.{phase}"), phase, outcome, now)
+            hook_runs = self.hooks.recorder(secret, rot, phase, updates, event)
+        rot = self.journal.complete_step(rot.id, step, now, outcome.result, updates, events, also=hook_runs)
         log.info(
             f"rotation {phase}",
             extra={"secret": rot.secret, "version": rot.version, "phase": phase, **outcome.result},
@@ -331,6 +354,9 @@ class Engine:
             self._audit("rotation.failed", rot, actor=rot.trigger, step=step, error=message)
             outcome = StepOutcome({}, {}, {"step": step, "error": message})
             self.journal.queue_events(self._events(secret, rot, "rotation.failed", rot.phase, outcome, now), now)
+            if self.hooks is not None:
+                event = self._event(secret, rot, "rotation.failed", rot.phase, outcome, now)
+                self.hooks.fire(rot.secret, "failed", event, now=now, occasion=step, rotation=rot)
         self._changed(rot.secret)
         return retry_at
 
@@ -558,12 +584,18 @@ class Engine:
     ) -> list[tuple[str, Event]]:
         if event_type is None:
             return []
+        event = self._event(secret, rot, event_type, phase, outcome, now)
+        return [(consumer, event) for consumer in secret.consumers]
+
+    @staticmethod
+    def _event(
+        secret: SecretSettings, rot: RotationRow, event_type: str, phase: str, outcome: StepOutcome, now: datetime
+    ) -> Event:
         version = outcome.updates.get("backend_version", rot.backend_version)
-        event = Event(
+        return Event(
             type=event_type, secret=secret.name, rotation_id=rot.id, version=rot.version, phase=phase,
             backend=secret.backend, path=secret.path, backend_version=version, occurred_at=now, detail=outcome.detail,
         )  # fmt: skip
-        return [(consumer, event) for consumer in secret.consumers]
 
     def _audit(self, event: str, rot: RotationRow, *, actor: str, **fields: object) -> None:
         self.audit.append(event, actor=actor, secret=rot.secret, rotation_id=rot.id, version=rot.version, **fields)

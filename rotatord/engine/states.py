@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["EVENT_AFTER", "FIRST_PHASE", "PHASE_AFTER", "STEPS", "TERMINAL_PHASES", "next_step"]
+__all__ = ["EVENT_AFTER", "FIRST_PHASE", "HELD_BY_HOOK", "PHASE_AFTER", "STEPS", "TERMINAL_PHASES", "next_step"]
 
 FIRST_PHASE: Final = "pending"
 STEPS: Final[dict[str, tuple[str, ...]]] = {
@@ -36,6 +36,8 @@ EVENT_AFTER: Final = {
     "revoke": "token.revoked",
 }
 TERMINAL_PHASES: Final = frozenset({"retired", "revoked"})
+#: How a rotation's error starts while a ``block`` hook holds it at its phase (rotatord.hooks).
+HELD_BY_HOOK: Final = "held by hook"
 
 
 def next_step(kind: str, phase: str) -> str | None:

@@ -15,6 +15,7 @@ from rotatord.config.model import (
     DaemonSettings,
     FileBackendSettings,
     FilesStoreSettings,
+    HookSettings,
     NotifySettings,
     RedisStoreSettings,
     SecretSettings,
@@ -34,6 +35,7 @@ MODELS: list[type[BaseModel]] = [
     SqlStoreSettings,
     FilesStoreSettings,
     RedisStoreSettings,
+    HookSettings,
 ]
 
 
