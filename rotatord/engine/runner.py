@@ -36,6 +36,7 @@ from ..errors import (
 from ..interfaces import Backend, Census, DataStore, Event
 from ..timeutil import utcnow
 from . import transitions as t
+from .blast import BlastTracker
 from .gate import AckGate
 from .journal import ACTIVE, Journal, RotationRow
 from .ledger import StoreLedger
@@ -85,6 +86,7 @@ class Engine:
         self.retry = retry
         self.stores = stores or {}
         self.reencryptor = reencryptor or Reencryptor(StoreLedger(journal), utcnow, serial_batch_rotator)
+        self.blast = BlastTracker(journal, self.reencryptor.ledger)
         # Shared across engine instances (a reload builds a new engine while a step may still run).
         self._locks = locks if locks is not None else {}
         for name in self.secrets:
@@ -121,8 +123,16 @@ class Engine:
             return self._advance(rot, now)
 
     def rotate(self, name: str, *, trigger: str, emergency: bool, reason: str | None, now: datetime) -> RotationRow:
-        """Start a rotation now (operator's request) and run the steps that are ready."""
+        """Start a rotation now (operator's request) and run the steps that are ready.
+
+        An emergency needs a non-empty ``reason`` (UsageError before anything changes); it opens
+        a blast-radius report, recorded in the audit log now, at each phase and at the end.
+        """
         self.setting(name)
+        if emergency and not (reason or "").strip():
+            raise UsageError(
+                f"an emergency rotation of {name!r} needs a reason (--reason TEXT): it is recorded in the audit log"
+            )
         with self._lock(name):
             active = self.journal.active(name)
             if active is not None:
@@ -144,6 +154,8 @@ class Engine:
                 self._audit("rotation.emergency", rot, actor=trigger, reason=reason)
             else:
                 rot = self._start(name, trigger=trigger, emergency=emergency, reason=reason, now=now)
+            if emergency:
+                self._blast_open(rot, trigger, now)
             self._advance(rot, now)
             return self.journal.get(rot.id)
 
@@ -306,6 +318,8 @@ class Engine:
             f"rotation {phase}",
             extra={"secret": rot.secret, "version": rot.version, "phase": phase, **outcome.result},
         )
+        if rot.emergency:
+            self._blast_step(rot, step, now)
         self._changed(rot.secret)
         self._crash(f"{step}.done")
         return rot
@@ -371,7 +385,7 @@ class Engine:
             return StepOutcome({"stores": 0}, {}, {})
         current = self.backends[secret.backend].read(secret.path)
         ring = self._require_ring(secret, current.document if current else None)
-        moved = self.reencryptor.move(secret.name, rot.id, "reencrypt", ring, stores)
+        moved = self.reencryptor.move(secret.name, rot.id, "reencrypt", ring, stores, urgent=rot.emergency)
         return StepOutcome(moved.summary(), {}, {})
 
     def _step_retire(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
@@ -387,7 +401,7 @@ class Engine:
         if candidates and stores:
             # The final sweep catches items bots wrote under the old key during the run; then a
             # fresh census must find nothing that only a retiring key can decrypt.
-            moved = self.reencryptor.move(secret.name, rot.id, "retire", ring, stores)
+            moved = self.reencryptor.move(secret.name, rot.id, "retire", ring, stores, urgent=rot.emergency)
             for census in moved.censuses:
                 needed = {kid: census.count(kid) for kid in candidates if census.count(kid)}
                 if needed:
@@ -484,13 +498,73 @@ class Engine:
         self._audit("rotation.rolled_back", rot, actor=trigger, reason=reason, backend_version=version)
         outcome = StepOutcome({"backend_version": version}, {}, {"reason": reason or ""})
         events = self._events(secret, rot, "rotation.rolled_back", rot.phase, outcome, now)
+        # The reason goes into the journal too, so ``history`` says why without the audit log.
+        result = {"backend_version": version, **({"reason": reason} if reason else {})}
         rot = self.journal.complete_step(
-            rot.id, "rollback", now, {"backend_version": version},
+            rot.id, "rollback", now, result,
             {"status": "rolled_back", "finished_at": now, "backend_version": version}, events,
         )  # fmt: skip
         log.warning("rotation rolled back", extra={"secret": rot.secret, "version": rot.version, "reason": reason})
+        if rot.emergency:
+            self._blast_step(rot, "rollback", now)
         self._changed(rot.secret)
         return rot
+
+    # -- emergency: the blast-radius report (rotatord.engine.blast) ------------------------
+
+    def blast_report(self, rot: RotationRow) -> dict[str, Any]:
+        """The live blast-radius report of the emergency rotation ``rot`` (state database only)."""
+        secret = self.setting(rot.secret)
+        return self.blast.report(rot, secret.consumers, [s.label for s in self.stores.get(rot.secret, ())])
+
+    def _blast_open(self, rot: RotationRow, actor: str, now: datetime) -> None:
+        """Record which key is compromised (the primary the emergency replaces) and report it."""
+        compromised = rot.previous_key
+        if compromised is None and rot.phase == FIRST_PHASE:
+            secret = self.setting(rot.secret)
+            try:
+                current = self.backends[secret.backend].read(secret.path)
+            except RotatordError as exc:  # the steps retry the backend; the report says "unknown"
+                log.warning("compromised key unknown", extra={"secret": rot.secret, "error": str(exc)})
+                current = None
+            doc = current.document if current else None
+            if isinstance(doc, FernetRing):
+                compromised = doc.primary
+            elif isinstance(doc, CredentialSet):
+                compromised = doc.current.id
+        self.blast.open(rot, compromised, now)
+        if rot.phase in ("promoted", "reencrypted"):  # declared late: the new key is primary already
+            self._blast_exposure(rot)
+        self._blast_audit("opened", rot, actor)
+
+    def _blast_step(self, rot: RotationRow, step: str, now: datetime) -> None:
+        """After each step of an emergency: the exposure census after the promotion, then the report."""
+        try:
+            if self.blast.get(rot.id) is None:  # opened by a process that died before recording it
+                self.blast.open(rot, rot.previous_key, now)
+            if step == "promote":
+                self._blast_exposure(rot)
+            self._blast_audit("closed" if not rot.active else "phase", rot, rot.trigger)
+        except RotatordError as exc:  # the step is done; a missing report must not look like its failure
+            log.error("blast-radius report not recorded", extra={"secret": rot.secret, "error": str(exc)})
+
+    def _blast_exposure(self, rot: RotationRow) -> None:
+        """Count what is still under the compromised key, once, before re-encryption moves it."""
+        if not self.stores.get(rot.secret):
+            return
+        try:
+            censuses = self.census(rot.secret)
+        except RotatordError as exc:  # a store that is down: re-encryption retries it; report without it
+            log.warning("exposure census failed", extra={"secret": rot.secret, "error": str(exc)})
+            return
+        self.blast.record_exposure(rot.id, censuses, self.reencryptor.clock())
+
+    def _blast_audit(self, stage: str, rot: RotationRow, actor: str) -> None:
+        report = self.blast_report(self.journal.get(rot.id))
+        self.audit.append(
+            "emergency.blast_radius", actor=actor, secret=rot.secret, rotation_id=rot.id, version=rot.version,
+            stage=stage, report=report,
+        )  # fmt: skip
 
     # -- helpers ---------------------------------------------------------------------------
 
