@@ -35,8 +35,9 @@ def render(b: dict[str, Any], now: datetime) -> str:
     """The report as lines of text (no key material: the structure holds ids and counts only)."""
     fernet = b["kind"] == "fernet"
     what = "key" if fernet else "token"
+    doing = f" (now: {b['next_step']})" if b["next_step"] else ""
     lines = [
-        f"EMERGENCY rotation {b['version']} of {b['secret']}: {b['state']}, phase {b['phase']}",
+        f"EMERGENCY rotation {b['version']} of {b['secret']}: {b['state']}, phase {b['phase']}{doing}",
         f"  reason: {b['reason']!r}; declared {relative(b['opened_at'], now)} by {b['trigger']}",
         f"  compromised {what}: {b['compromised_key'] or 'none (the secret did not exist yet)'};"
         f" new {what}: {b['new_key'] or 'not yet generated'}",
@@ -77,14 +78,17 @@ def _verdict(b: dict[str, Any], what: str) -> list[str]:
     old = b["compromised_key"]
     out = []
     if b["retired_at"]:
-        out.append(f"  {old} retired at {b['retired_at']}: the census found nothing that needs it")
+        why = "the census found nothing that needs it" if b["stores"] else "no data stores are configured"
+        out.append(f"  {old} retired at {b['retired_at']}: {why}")
     elif b["revoked_at"]:
         out.append(f"  old {what} {old} revoked at {b['revoked_at']}: it no longer verifies")
     elif b["state"] == "rolled back":
         out.append(f"  rolled back: {old} is the primary again, although it was reported compromised")
     elif old:
         left = b["remaining"]
-        items = f"; {_count(left)} item(s) still under it" if b["kind"] == "fernet" else ""
+        items = f"; {_count(left)} item(s) still under it" if b["kind"] == "fernet" and b["stores"] else ""
+        if b["stores"] and left is None and b["phase"] == "promoted":
+            items = "; counting the items still under it (a read-only census)"
         out.append(f"  {old} is still valid (decrypt-only until the census is clean){items}")
     if b["error"]:
         out.append(f"  failing: {b['error']} (retried automatically)")

@@ -27,6 +27,7 @@ from ..interfaces import Census
 from ..timeutil import format_ts
 from .journal import ACTIVE, Journal, RotationRow, UTCDateTime, metadata, outbox
 from .ledger import CheckpointRow, StoreLedger
+from .states import next_step
 
 __all__ = ["ACK_EVENT", "BlastTracker", "EmergencyRow"]
 
@@ -39,6 +40,9 @@ emergencies = Table(
     Column("opened_at", UTCDateTime, nullable=False),
     Column("exposure", Text),  # JSON {store label: items under the compromised key}
     Column("exposure_taken_at", UTCDateTime),
+    # The wall-clock end: the engine passes one ``now`` to every step of a call, so a step's
+    # journal time is when the request came, not when a long re-encryption let it finish.
+    Column("closed_at", UTCDateTime),
 )
 
 #: The event whose acknowledgement means "this consumer now uses the new key".
@@ -53,6 +57,7 @@ class EmergencyRow:
     opened_at: datetime
     exposure: dict[str, int] | None
     exposure_taken_at: datetime | None
+    closed_at: datetime | None
 
 
 class BlastTracker:
@@ -92,6 +97,7 @@ class BlastTracker:
             opened_at=m["opened_at"],
             exposure=json.loads(m["exposure"]) if m["exposure"] else None,
             exposure_taken_at=m["exposure_taken_at"],
+            closed_at=m["closed_at"],
         )
 
     def record_exposure(self, rotation_id: int, censuses: Sequence[Census], now: datetime) -> None:
@@ -107,6 +113,15 @@ class BlastTracker:
                 .values(exposure=json.dumps(exposure, sort_keys=True), exposure_taken_at=now)
             )
 
+    def close(self, rotation_id: int, at: datetime) -> None:
+        """Record when the emergency really ended (first call wins)."""
+        with self.journal.transaction() as conn:
+            conn.execute(
+                update(emergencies)
+                .where(emergencies.c.rotation_id == rotation_id, emergencies.c.closed_at.is_(None))
+                .values(closed_at=at)
+            )
+
     # -- the report --------------------------------------------------------------------------
 
     def report(self, rot: RotationRow, consumers: Sequence[str], stores: Sequence[str]) -> dict[str, Any]:
@@ -117,7 +132,10 @@ class BlastTracker:
 
         def done_at(name: str) -> str | None:
             step = steps.get(name)
-            return format_ts(step.finished_at) if step and step.state == "done" else None
+            if step is None or step.state != "done":
+                return None
+            last = name in ("retire", "revoke")
+            return format_ts(row.closed_at if last and row is not None and row.closed_at else step.finished_at)
 
         store_rows = self._stores(rot, row, compromised, stores) if rot.kind == "fernet" else []
         known = [s["remaining"] for s in store_rows if s["remaining"] is not None]
@@ -135,11 +153,12 @@ class BlastTracker:
             "compromised_key": compromised,
             "new_key": rot.new_key,
             "phase": rot.phase,
+            "next_step": next_step(rot.kind, rot.phase) if rot.status == ACTIVE else None,
             "state": state,
             "error": rot.error,
             "opened_at": format_ts(row.opened_at if row else rot.started_at),
             "updated_at": format_ts(max([rot.updated_at, *(c.updated_at for c in self._checkpoints(rot.id))])),
-            "finished_at": format_ts(rot.finished_at),
+            "finished_at": format_ts((row.closed_at if row else None) or rot.finished_at),
             "promoted_at": done_at("promote") or done_at("issue"),
             "retired_at": done_at("retire"),
             "revoked_at": done_at("revoke"),

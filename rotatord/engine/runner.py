@@ -544,6 +544,8 @@ class Engine:
                 self.blast.open(rot, rot.previous_key, now)
             if step == "promote":
                 self._blast_exposure(rot)
+            if not rot.active:
+                self.blast.close(rot.id, self.reencryptor.clock())
             self._blast_audit("closed" if not rot.active else "phase", rot, rot.trigger)
         except RotatordError as exc:  # the step is done; a missing report must not look like its failure
             log.error("blast-radius report not recorded", extra={"secret": rot.secret, "error": str(exc)})
