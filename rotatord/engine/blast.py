@@ -187,7 +187,9 @@ class BlastTracker:
             mine = [c for c in checkpoints if c.store == label]
             census = censuses.get(label)
             base: int | None
-            if census is not None and census.taken_at is not None and census.taken_at >= since and compromised:
+            if compromised is None:  # the emergency created the secret: nothing was ever under an old key
+                base, counted_at = 0, None
+            elif census is not None and census.taken_at is not None and census.taken_at >= since:
                 base, counted_at = census.count(compromised), census.taken_at
             elif label in exposure and row is not None and row.exposure_taken_at is not None:
                 base, counted_at = exposure[label], row.exposure_taken_at

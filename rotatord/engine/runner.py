@@ -555,7 +555,8 @@ class Engine:
         if not self.stores.get(rot.secret):
             return
         try:
-            censuses = self.census(rot.secret)
+            with self.reencryptor.priority.urgent(rot.secret):  # other secrets' passes wait for it too
+                censuses = self.census(rot.secret)
         except RotatordError as exc:  # a store that is down: re-encryption retries it; report without it
             log.warning("exposure census failed", extra={"secret": rot.secret, "error": str(exc)})
             return
