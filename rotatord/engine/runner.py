@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -133,7 +133,10 @@ class Engine:
             raise UsageError(
                 f"an emergency rotation of {name!r} needs a reason (--reason TEXT): it is recorded in the audit log"
             )
-        with self._lock(name):
+        # An emergency holds the priority gate from the start: while it waits for a step of this
+        # secret that is running (its lock), other secrets' re-encryption already pauses.
+        urgent = self.reencryptor.priority.urgent(name) if emergency else nullcontext()
+        with urgent, self._lock(name):
             active = self.journal.active(name)
             if active is not None:
                 if not emergency:

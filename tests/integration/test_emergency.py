@@ -31,6 +31,7 @@ from tests.helpers import (
     materials,
     read_doc,
     status_json,
+    unwritable,
     wait_until,
 )
 from tests.integration.conftest import write_config
@@ -291,3 +292,47 @@ def test_emergency_token_revokes_at_once_and_rollback_restores_notifies_and_says
         daemon.kill()
     var = config.parent / "var"
     assert_no_material(seen, files=[tmp_path / "daemon.log", var / "audit.log", var / "state.db"], texts=texts)
+
+
+def test_emergency_that_cannot_finish_exits_75_says_why_and_the_daemon_finishes_it(
+    tmp_path: Path, socket_dir: str, notify: NotifyListener, receivers: ReceiverServer
+) -> None:
+    config = _config(tmp_path, socket_dir, receivers, store=True)
+    db = tmp_path / "bot.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
+    daemon = _start(config, tmp_path, notify, receivers)
+    try:
+        v1 = read_doc(config, "local", DB_PATH)
+        assert isinstance(v1, FernetRing)
+        seen = materials(v1)
+        old = multifernet(v1)
+        with sqlite3.connect(db) as conn:
+            conn.executemany("INSERT INTO msgs VALUES (?, ?)", [(i, old.encrypt(b"x").decode()) for i in range(50)])
+        with unwritable(db):  # the bot's database refuses writes: re-encryption cannot move anything
+            result = cli(config, "rotate", "demo-bot-db", "--emergency", "--reason", "leak", "--json")
+            ring = read_doc(config, "local", DB_PATH)
+        assert isinstance(ring, FernetRing)
+        seen |= materials(ring)
+        assert result.returncode == 75, result.stderr
+        assert "not finished" in result.stderr and "rotatord status demo-bot-db" in result.stderr
+        report = json.loads(result.stdout)["blast_radius"]
+        assert report["state"] == "failing" and report["error"]
+        assert report["stores"][0]["exposed"] == 50 and report["remaining"] == 50
+        # The compromised key stays decrypt-only while data needs it: nothing is lost meanwhile.
+        assert ring.primary == "v2" and {k.id for k in ring.keys} == {"v1", "v2"}
+
+        # Writable again: the daemon's retry moves the rows and retires v1 without anyone asking.
+        final = wait_until(
+            lambda: (b := _blast(config, "demo-bot-db")) and b["state"] == "done" and b,
+            timeout=60,
+            what="the retried emergency rotation",
+        )
+        assert final["remaining"] == 0 and final["retired_at"] and final["error"] is None
+        ring = read_doc(config, "local", DB_PATH)
+        assert isinstance(ring, FernetRing) and [k.id for k in ring.keys] == ["v2"]
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    var = config.parent / "var"
+    assert_no_material(seen, files=[tmp_path / "daemon.log", var / "audit.log"], texts=[result.stdout, result.stderr])
