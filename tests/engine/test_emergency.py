@@ -29,7 +29,7 @@ from tests.engine.conftest import (
     fernet_secret,
     materials,
 )
-from tests.helpers import assert_no_material
+from tests.helpers import assert_no_material, unwritable
 
 ROWS = 30
 
@@ -227,3 +227,28 @@ def test_routine_reencryption_pauses_while_an_emergency_runs(make_harness: Harne
     assert done.wait(30)
     worker.join(10)
     assert h.sql("SELECT phase FROM rotations WHERE version = 2") == [("reencrypted",)]
+
+
+def test_rollback_of_an_emergency_that_cannot_finish_closes_its_report(
+    make_harness: HarnessFactory, tmp_path: Path
+) -> None:
+    db, store = _store(tmp_path)
+    h = make_harness(fernet_secret(stores=(store,), consumers=()), consumers=())
+    rt = h.build()
+    rt.engine.tick(FERNET, T0)
+    v1 = multifernet(h.ring())
+    with sqlite3.connect(db) as conn:
+        conn.executemany("INSERT INTO msgs VALUES (?, ?)", [(i, v1.encrypt(b"x").decode()) for i in range(5)])
+    at = T0 + SECOND
+    with unwritable(db):
+        row = rt.engine.rotate(FERNET, trigger="cli", emergency=True, reason="leak", now=at)
+    assert (row.phase, row.status) == ("promoted", "active") and row.error
+    live = rt.engine.blast_report(row)
+    assert (live["state"], live["next_step"], live["remaining"]) == ("failing", "reencrypt", 5)
+    back = rt.engine.rollback(FERNET, trigger="cli", reason="v2 breaks the bots", now=at + SECOND)
+    assert back.status == "rolled_back" and h.ring().primary == "v1"
+    report = rt.engine.blast_report(back)
+    assert (report["state"], report["retired_at"], report["next_step"]) == ("rolled back", None, None)
+    last = _blast_records(h)[-1]
+    assert last["stage"] == "closed" and isinstance(last["report"], dict)
+    assert last["report"]["state"] == "rolled back"

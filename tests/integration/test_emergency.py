@@ -280,6 +280,9 @@ def test_emergency_token_revokes_at_once_and_rollback_restores_notifies_and_says
         assert audit["reason"] == "bots crash on v2" and audit["secret"] == "demo-bot-db"
         history = json.loads(cli(config, "history", "demo-bot-db", "--json").stdout)
         assert history[0]["status"] == "rolled_back" and history[0]["rollback_reason"] == "bots crash on v2"
+        human = cli(config, "history", "demo-bot-db")
+        assert "rolled back: bots crash on v2" in human.stdout, human.stdout
+        texts += [human.stdout]
 
         # A second rollback has nothing left to put back: refused, nothing changed.
         before = _snapshot(config)
