@@ -36,7 +36,7 @@ from ..errors import (
 from ..interfaces import Backend, Census, DataStore, Event
 from ..timeutil import utcnow
 from . import transitions as t
-from .blast import BlastTracker
+from .emergency import EmergencyReports
 from .gate import AckGate
 from .journal import ACTIVE, Journal, RotationRow
 from .ledger import StoreLedger
@@ -86,7 +86,7 @@ class Engine:
         self.retry = retry
         self.stores = stores or {}
         self.reencryptor = reencryptor or Reencryptor(StoreLedger(journal), utcnow, serial_batch_rotator)
-        self.blast = BlastTracker(journal, self.reencryptor.ledger)
+        self.emergencies = EmergencyReports(self)
         # Shared across engine instances (a reload builds a new engine while a step may still run).
         self._locks = locks if locks is not None else {}
         for name in self.secrets:
@@ -158,7 +158,7 @@ class Engine:
             else:
                 rot = self._start(name, trigger=trigger, emergency=emergency, reason=reason, now=now)
             if emergency:
-                self._blast_open(rot, trigger, now)
+                self.emergencies.opened(rot, trigger, now)
             self._advance(rot, now)
             return self.journal.get(rot.id)
 
@@ -322,7 +322,7 @@ class Engine:
             extra={"secret": rot.secret, "version": rot.version, "phase": phase, **outcome.result},
         )
         if rot.emergency:
-            self._blast_step(rot, step, now)
+            self.emergencies.after_step(rot, step, now)
         self._changed(rot.secret)
         self._crash(f"{step}.done")
         return rot
@@ -509,68 +509,13 @@ class Engine:
         )  # fmt: skip
         log.warning("rotation rolled back", extra={"secret": rot.secret, "version": rot.version, "reason": reason})
         if rot.emergency:
-            self._blast_step(rot, "rollback", now)
+            self.emergencies.after_step(rot, "rollback", now)
         self._changed(rot.secret)
         return rot
 
-    # -- emergency: the blast-radius report (rotatord.engine.blast) ------------------------
-
     def blast_report(self, rot: RotationRow) -> dict[str, Any]:
         """The live blast-radius report of the emergency rotation ``rot`` (state database only)."""
-        secret = self.setting(rot.secret)
-        return self.blast.report(rot, secret.consumers, [s.label for s in self.stores.get(rot.secret, ())])
-
-    def _blast_open(self, rot: RotationRow, actor: str, now: datetime) -> None:
-        """Record which key is compromised (the primary the emergency replaces) and report it."""
-        compromised = rot.previous_key
-        if compromised is None and rot.phase == FIRST_PHASE:
-            secret = self.setting(rot.secret)
-            try:
-                current = self.backends[secret.backend].read(secret.path)
-            except RotatordError as exc:  # the steps retry the backend; the report says "unknown"
-                log.warning("compromised key unknown", extra={"secret": rot.secret, "error": str(exc)})
-                current = None
-            doc = current.document if current else None
-            if isinstance(doc, FernetRing):
-                compromised = doc.primary
-            elif isinstance(doc, CredentialSet):
-                compromised = doc.current.id
-        self.blast.open(rot, compromised, now)
-        if rot.phase in ("promoted", "reencrypted"):  # declared late: the new key is primary already
-            self._blast_exposure(rot)
-        self._blast_audit("opened", rot, actor)
-
-    def _blast_step(self, rot: RotationRow, step: str, now: datetime) -> None:
-        """After each step of an emergency: the exposure census after the promotion, then the report."""
-        try:
-            if self.blast.get(rot.id) is None:  # opened by a process that died before recording it
-                self.blast.open(rot, rot.previous_key, now)
-            if step == "promote":
-                self._blast_exposure(rot)
-            if not rot.active:
-                self.blast.close(rot.id, self.reencryptor.clock())
-            self._blast_audit("closed" if not rot.active else "phase", rot, rot.trigger)
-        except RotatordError as exc:  # the step is done; a missing report must not look like its failure
-            log.error("blast-radius report not recorded", extra={"secret": rot.secret, "error": str(exc)})
-
-    def _blast_exposure(self, rot: RotationRow) -> None:
-        """Count what is still under the compromised key, once, before re-encryption moves it."""
-        if not self.stores.get(rot.secret):
-            return
-        try:
-            with self.reencryptor.priority.urgent(rot.secret):  # other secrets' passes wait for it too
-                censuses = self.census(rot.secret)
-        except RotatordError as exc:  # a store that is down: re-encryption retries it; report without it
-            log.warning("exposure census failed", extra={"secret": rot.secret, "error": str(exc)})
-            return
-        self.blast.record_exposure(rot.id, censuses, self.reencryptor.clock())
-
-    def _blast_audit(self, stage: str, rot: RotationRow, actor: str) -> None:
-        report = self.blast_report(self.journal.get(rot.id))
-        self.audit.append(
-            "emergency.blast_radius", actor=actor, secret=rot.secret, rotation_id=rot.id, version=rot.version,
-            stage=stage, report=report,
-        )  # fmt: skip
+        return self.emergencies.report(rot)
 
     # -- helpers ---------------------------------------------------------------------------
 
