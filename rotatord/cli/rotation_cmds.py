@@ -36,6 +36,7 @@ def rotate(args: argparse.Namespace) -> int:
         raise UsageError(
             "--emergency needs --reason TEXT: say why the secret is compromised (it goes into the audit log)"
         )
+    _check_reason(args.reason)
     actor = "cli:offline" if args.offline else "cli"
     if args.offline:
         from ..daemon.lock import StateLock
@@ -79,9 +80,16 @@ def rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_reason(reason: str | None) -> None:
+    """The control socket's rule, checked here too so ``--offline`` refuses the same input."""
+    if reason is not None and (len(reason) > 500 or any(ord(c) < 32 for c in reason)):
+        raise UsageError("--reason must be one line of at most 500 characters")
+
+
 def rollback(args: argparse.Namespace) -> int:
     _path, settings = load_checked(args)
     _require(settings, args.name)
+    _check_reason(args.reason)
     request = {"op": "rollback", "name": args.name}
     if args.reason:
         request["reason"] = args.reason

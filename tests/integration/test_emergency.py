@@ -222,8 +222,10 @@ def test_emergency_fernet_rotation_reports_its_blast_radius_live_and_retires_the
         assert offline.returncode == 64 and "unknown secret 'nope'" in offline.stderr
         no_reason = cli(config, "rotate", "demo-bot-db", "--emergency")
         assert no_reason.returncode == 64 and "--emergency needs --reason" in no_reason.stderr
+        two_lines = cli(config, "rotate", "demo-bot-db", "--emergency", "--reason", "one\ntwo", "--offline")
+        assert two_lines.returncode == 64 and "--reason must be one line" in two_lines.stderr
         assert _snapshot(config) == before
-        texts += [r.stdout + r.stderr for r in (gone, unknown, offline, no_reason, verify)]
+        texts += [r.stdout + r.stderr for r in (gone, unknown, offline, no_reason, two_lines, verify)]
         assert daemon.stop() == 0
     finally:
         daemon.kill()
