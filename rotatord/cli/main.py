@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rotate", parents=[common], help="rotate a secret now")
     p.add_argument("name")
     p.add_argument(
-        "--emergency", action="store_true", help="no propagation wait, no grace period (census still applies)"
+        "--emergency",
+        action="store_true",
+        help="a key leaked: no propagation wait, no grace period (the census still applies); needs --reason; "
+        "prints the blast-radius report, live on a terminal",
     )
-    p.add_argument("--reason", help="why (recorded in the audit log)")
+    p.add_argument("--reason", help="why (recorded in the audit log; required with --emergency)")
     p.add_argument("--offline", action="store_true", help="run in this process while the daemon is down")
     p.add_argument("--json", action="store_true")
 

@@ -7,17 +7,21 @@ exception, and it takes the daemon's own lock so the two can never act at once.
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import datetime
 from typing import Any
 
 from ..config import Settings
-from ..errors import DaemonNotRunning, StateError, UnknownSecret
+from ..errors import DaemonNotRunning, StateError, UnknownSecret, UsageError
 from ..timeutil import utcnow
 from .client import call_daemon
 from .common import load, load_checked
 from .output import emit_json, out, relative, table
 
 __all__ = ["history", "rollback", "rotate", "status"]
+
+#: ``rotate --emergency`` that could not finish yet (the daemon retries): EX_TEMPFAIL.
+EX_UNFINISHED = 75
 
 
 def _require(settings: Settings, name: str | None) -> None:
@@ -28,6 +32,11 @@ def _require(settings: Settings, name: str | None) -> None:
 def rotate(args: argparse.Namespace) -> int:
     _path, settings = load_checked(args)
     _require(settings, args.name)
+    if args.emergency and not (args.reason or "").strip():
+        raise UsageError(
+            "--emergency needs --reason TEXT: say why the secret is compromised (it goes into the audit log)"
+        )
+    _check_reason(args.reason)
     actor = "cli:offline" if args.offline else "cli"
     if args.offline:
         from ..daemon.lock import StateLock
@@ -46,17 +55,41 @@ def rotate(args: argparse.Namespace) -> int:
         request = {"op": "rotate", "name": args.name, "emergency": args.emergency}
         if args.reason:
             request["reason"] = args.reason
-        result = call_daemon(settings.daemon.socket_path, request)
+        if args.emergency:
+            from .blast_view import follow
+
+            live = sys.stderr.isatty() and not args.json
+            result = follow(settings.daemon.socket_path, request, args.name, live=live)
+        else:
+            result = call_daemon(settings.daemon.socket_path, request)
+    blast = result.get("blast_radius") if args.emergency else None
     if args.json:
         emit_json(result)
     else:
         _describe_rotation(result, utcnow(), offline=args.offline)
+        if blast:
+            from .blast_view import render
+
+            out(render(blast, utcnow()))
+    if blast and blast["state"] != "done":
+        sys.stderr.write(
+            f"rotatord: {args.name}: the emergency rotation is not finished ({blast['state']}); the daemon goes on"
+            f" with it: follow it with 'rotatord status {args.name}'\n"
+        )
+        return EX_UNFINISHED
     return 0
+
+
+def _check_reason(reason: str | None) -> None:
+    """The control socket's rule, checked here too so ``--offline`` refuses the same input."""
+    if reason is not None and (len(reason) > 500 or any(ord(c) < 32 for c in reason)):
+        raise UsageError("--reason must be one line of at most 500 characters")
 
 
 def rollback(args: argparse.Namespace) -> int:
     _path, settings = load_checked(args)
     _require(settings, args.name)
+    _check_reason(args.reason)
     request = {"op": "rollback", "name": args.name}
     if args.reason:
         request["reason"] = args.reason
@@ -119,6 +152,13 @@ def status(args: argparse.Namespace) -> int:
                 out(f"{r['name']}: {r['error']}")
             else:
                 out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
+    for r in rows:
+        blast = r.get("blast_radius")
+        # The emergency's report: always for the secret asked about, and while it runs for all.
+        if blast and (args.name or blast["state"] not in ("done", "rolled back")):
+            from .blast_view import render
+
+            out(render(blast, now))
     if webhooks is not None:
         failing = [e["consumer"] for e in webhooks["endpoints"] if e["failing"] or e["disabled"]]
         line = f"webhooks: {webhooks['pending']} pending, {len(webhooks['dead'])} dead-lettered"
@@ -156,12 +196,18 @@ def history(args: argparse.Namespace) -> int:
             relative(r["finished_at"], now) if r["finished_at"] else "-",
             r["trigger"] + (" (emergency)" if r["emergency"] else ""),
             f"{r['previous_key'] or '-'} -> {r['new_key'] or '-'}",
-            r["error"] or r["reason"] or "",
+            _note(r),
         ]
         for r in rows
     ]
     out(table(headers, body) if body else f"{args.name}: no rotations yet")
     return 0
+
+
+def _note(r: dict[str, Any]) -> str:
+    if r.get("status") == "rolled_back":
+        return "rolled back" + (f": {r['rollback_reason']}" if r.get("rollback_reason") else "")
+    return str(r["error"] or r["reason"] or "")
 
 
 def _offline(settings: Settings, fn: Any, name: str | None) -> list[Any]:

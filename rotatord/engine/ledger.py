@@ -228,6 +228,7 @@ class JournalProgress(Progress):
         estimate: int | None,
         clock: Any,
         stopping: Any,
+        pause: Any = None,
     ) -> None:
         self.ledger = ledger
         self.secret = secret
@@ -237,6 +238,8 @@ class JournalProgress(Progress):
         self.estimate = estimate
         self._clock = clock
         self._stopping = stopping
+        #: Called after each committed batch: waits while an emergency elsewhere runs first.
+        self._pause = pause
         self.new_quarantined = 0
 
     def checkpoint(self, checkpoint: str, totals: ReencryptReport) -> None:
@@ -253,6 +256,8 @@ class JournalProgress(Progress):
         # Test-only: die right after a committed batch, to prove a restart resumes mid-store.
         if "reencrypt.batch" in os.environ.get("ROTATORD_TEST_CRASH_AT", "").split(","):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._pause is not None:
+            self._pause()
 
     def quarantine(self, locator: str, reason: str) -> None:
         if self.ledger.quarantine(self.secret, self.rotation_id, self.store, locator, reason, self._clock()):

@@ -18,6 +18,7 @@ from ..document import FernetRing
 from ..errors import ReencryptionIncomplete, StepInterrupted
 from ..interfaces import Census, DataStore, ReencryptReport, RotateBatch
 from .ledger import JournalProgress, StoreLedger
+from .priority import PRIORITY, PriorityGate
 
 __all__ = ["MAX_PASSES", "MoveResult", "Reencryptor"]
 
@@ -53,11 +54,13 @@ class Reencryptor:
         clock: Callable[[], datetime],
         batch_rotator: Callable[[FernetRing], RotateBatch],
         should_stop: Callable[[], bool] = lambda: False,
+        priority: PriorityGate | None = None,
     ) -> None:
         self.ledger = ledger
         self.clock = clock
         self.batch_rotator = batch_rotator
         self.should_stop = should_stop
+        self.priority = priority or PRIORITY
 
     def census(self, secret: str, ring: FernetRing, stores: Sequence[DataStore]) -> list[Census]:
         identify = KeyIdentifier(ring).identify
@@ -66,16 +69,29 @@ class Reencryptor:
         return results
 
     def move(
-        self, secret: str, rotation_id: int, step: str, ring: FernetRing, stores: Sequence[DataStore]
+        self,
+        secret: str,
+        rotation_id: int,
+        step: str,
+        ring: FernetRing,
+        stores: Sequence[DataStore],
+        *,
+        urgent: bool = False,
     ) -> MoveResult:
         """Run passes (resuming an interrupted one) until the census shows nothing under an old key.
+
+        ``urgent`` (an emergency rotation) holds the priority gate: every other secret's pass in
+        this process pauses after its current batch until this move ends.
 
         Raises StepInterrupted when the daemon stops mid-pass and ReencryptionIncomplete when
         items remain after MAX_PASSES passes in this attempt (the engine retries with backoff).
         """
         rotate = self.batch_rotator(ring)
         try:
-            return self._move(secret, rotation_id, step, ring, stores, rotate)
+            if urgent:
+                with self.priority.urgent(secret):
+                    return self._move(secret, rotation_id, step, ring, stores, rotate, urgent=True)
+            return self._move(secret, rotation_id, step, ring, stores, rotate, urgent=False)
         finally:
             close = getattr(rotate, "close", None)
             if close is not None:  # worker processes hold key material: never leave them behind
@@ -89,6 +105,8 @@ class Reencryptor:
         ring: FernetRing,
         stores: Sequence[DataStore],
         rotate: RotateBatch,
+        *,
+        urgent: bool,
     ) -> MoveResult:
         identify = KeyIdentifier(ring).identify
         first = self._first_open_pass(rotation_id, step, stores)
@@ -96,7 +114,7 @@ class Reencryptor:
         censuses: list[Census] = []
         for n in range(first, first + MAX_PASSES):
             reports = [
-                self._pass(secret, rotation_id, f"{step}/{n}", store, rotate, identify, ring.primary)
+                self._pass(secret, rotation_id, f"{step}/{n}", store, rotate, identify, ring.primary, urgent)
                 for store in stores
             ]
             censuses = self.census(secret, ring, stores)
@@ -130,6 +148,7 @@ class Reencryptor:
         rotate: RotateBatch,
         identify: Callable[[bytes], str | None],
         primary: str,
+        urgent: bool = False,
     ) -> ReencryptReport:
         saved = self.ledger.load(rotation_id, step, store.label)
         if saved is not None and saved.done:
@@ -144,6 +163,7 @@ class Reencryptor:
             estimate=estimate,
             clock=self.clock,
             stopping=self.should_stop,
+            pause=None if urgent else lambda: self.priority.wait_turn(secret, self.should_stop),
         )
         report = store.reencrypt(rotate, identify, primary, saved.checkpoint if saved else None, progress)
         if self.should_stop():

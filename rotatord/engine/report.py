@@ -40,6 +40,8 @@ def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
     }
     if latest is None:
         return out
+    if latest.emergency:  # live while it runs, final afterwards
+        out["blast_radius"] = engine.blast_report(latest)
     out["state"] = latest.status
     if latest.active:
         step = next_step(latest.kind, latest.phase)
@@ -99,6 +101,8 @@ def history_report(engine: Engine, name: str, limit: int = 50) -> list[dict[str,
     engine.setting(name)
     rows = []
     for rot in engine.journal.history(name, limit):
+        steps = engine.journal.steps(rot.id)
+        rollback = next((s for s in steps if s.name == "rollback" and s.state == "done"), None)
         rows.append(
             {
                 "rotation_id": rot.id,
@@ -114,9 +118,9 @@ def history_report(engine: Engine, name: str, limit: int = 50) -> list[dict[str,
                 "previous_key": rot.previous_key,
                 "backend_version": rot.backend_version,
                 "error": rot.error,
+                "rollback_reason": (rollback.result or {}).get("reason") if rollback else None,
                 "steps": [
-                    {"name": s.name, "state": s.state, "at": format_ts(s.finished_at or s.started_at)}
-                    for s in engine.journal.steps(rot.id)
+                    {"name": s.name, "state": s.state, "at": format_ts(s.finished_at or s.started_at)} for s in steps
                 ],
             }
         )

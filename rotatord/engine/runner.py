@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from ..errors import (
 from ..interfaces import Backend, Census, DataStore, Event
 from ..timeutil import utcnow
 from . import transitions as t
+from .emergency import EmergencyReports
 from .gate import AckGate
 from .journal import ACTIVE, Journal, RotationRow
 from .ledger import StoreLedger
@@ -90,6 +91,7 @@ class Engine:
         self.retry = retry
         self.stores = stores or {}
         self.reencryptor = reencryptor or Reencryptor(StoreLedger(journal), utcnow, serial_batch_rotator)
+        self.emergencies = EmergencyReports(self)
         # Shared across engine instances (a reload builds a new engine while a step may still run).
         self._locks = locks if locks is not None else {}
         for name in self.secrets:
@@ -141,9 +143,20 @@ class Engine:
         return min(when, pending) if pending is not None else when
 
     def rotate(self, name: str, *, trigger: str, emergency: bool, reason: str | None, now: datetime) -> RotationRow:
-        """Start a rotation now (operator's request) and run the steps that are ready."""
+        """Start a rotation now (operator's request) and run the steps that are ready.
+
+        An emergency needs a non-empty ``reason`` (UsageError before anything changes); it opens
+        a blast-radius report, recorded in the audit log now, at each phase and at the end.
+        """
         self.setting(name)
-        with self._lock(name):
+        if emergency and not (reason or "").strip():
+            raise UsageError(
+                f"an emergency rotation of {name!r} needs a reason (--reason TEXT): it is recorded in the audit log"
+            )
+        # An emergency holds the priority gate from the start: while it waits for a step of this
+        # secret that is running (its lock), other secrets' re-encryption already pauses.
+        urgent = self.reencryptor.priority.urgent(name) if emergency else nullcontext()
+        with urgent, self._lock(name):
             active = self.journal.active(name)
             if active is not None:
                 if not emergency:
@@ -164,6 +177,8 @@ class Engine:
                 self._audit("rotation.emergency", rot, actor=trigger, reason=reason)
             else:
                 rot = self._start(name, trigger=trigger, emergency=emergency, reason=reason, now=now)
+            if emergency:
+                self.emergencies.opened(rot, trigger, now)
             self._with_hooks(name, self._advance(rot, now), now)
             return self.journal.get(rot.id)
 
@@ -332,6 +347,8 @@ class Engine:
             f"rotation {phase}",
             extra={"secret": rot.secret, "version": rot.version, "phase": phase, **outcome.result},
         )
+        if rot.emergency:
+            self.emergencies.after_step(rot, step, now)
         self._changed(rot.secret)
         self._crash(f"{step}.done")
         return rot
@@ -401,7 +418,7 @@ class Engine:
             return StepOutcome({"stores": 0}, {}, {})
         current = self.backends[secret.backend].read(secret.path)
         ring = self._require_ring(secret, current.document if current else None)
-        moved = self.reencryptor.move(secret.name, rot.id, "reencrypt", ring, stores)
+        moved = self.reencryptor.move(secret.name, rot.id, "reencrypt", ring, stores, urgent=rot.emergency)
         return StepOutcome(moved.summary(), {}, {})
 
     def _step_retire(self, secret: SecretSettings, rot: RotationRow, request_id: str, now: datetime) -> StepOutcome:
@@ -417,7 +434,7 @@ class Engine:
         if candidates and stores:
             # The final sweep catches items bots wrote under the old key during the run; then a
             # fresh census must find nothing that only a retiring key can decrypt.
-            moved = self.reencryptor.move(secret.name, rot.id, "retire", ring, stores)
+            moved = self.reencryptor.move(secret.name, rot.id, "retire", ring, stores, urgent=rot.emergency)
             for census in moved.censuses:
                 needed = {kid: census.count(kid) for kid in candidates if census.count(kid)}
                 if needed:
@@ -514,13 +531,21 @@ class Engine:
         self._audit("rotation.rolled_back", rot, actor=trigger, reason=reason, backend_version=version)
         outcome = StepOutcome({"backend_version": version}, {}, {"reason": reason or ""})
         events = self._events(secret, rot, "rotation.rolled_back", rot.phase, outcome, now)
+        # The reason goes into the journal too, so ``history`` says why without the audit log.
+        result = {"backend_version": version, **({"reason": reason} if reason else {})}
         rot = self.journal.complete_step(
-            rot.id, "rollback", now, {"backend_version": version},
+            rot.id, "rollback", now, result,
             {"status": "rolled_back", "finished_at": now, "backend_version": version}, events,
         )  # fmt: skip
         log.warning("rotation rolled back", extra={"secret": rot.secret, "version": rot.version, "reason": reason})
+        if rot.emergency:
+            self.emergencies.after_step(rot, "rollback", now)
         self._changed(rot.secret)
         return rot
+
+    def blast_report(self, rot: RotationRow) -> dict[str, Any]:
+        """The live blast-radius report of the emergency rotation ``rot`` (state database only)."""
+        return self.emergencies.report(rot)
 
     # -- helpers ---------------------------------------------------------------------------
 

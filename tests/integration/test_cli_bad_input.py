@@ -329,7 +329,9 @@ def _pings(path: Path) -> bool:
 
 
 def test_offline_rotation_refused_while_the_daemon_runs(ready: Path, daemon: subprocess.Popen[bytes]) -> None:
-    result = run(ready.parent, "rotate", "--offline", "demo-bot-db", "--emergency", "-c", "config.toml")
+    result = run(
+        ready.parent, "rotate", "--offline", "demo-bot-db", "--emergency", "--reason", "drill", "-c", "config.toml"
+    )
 
     assert result.returncode == EX_TEMPFAIL, result.stderr
     assert "the daemon is running" in result.stderr
