@@ -15,13 +15,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..audit import AuditLog
 from ..config import SecretSettings
 from ..crypto.generators import generator_for
-from ..document import CredentialSet, Document, FernetRing, key_id_for
+from ..document import CredentialSet, Document, FernetRing, digest, key_id_for
 from ..errors import (
     ConflictError,
     NotManaged,
@@ -36,6 +36,8 @@ from ..errors import (
 from ..interfaces import Backend, Census, DataStore, Event
 from ..timeutil import utcnow
 from . import transitions as t
+from .drift import DriftGuard
+from .drift_store import DriftRecord
 from .gate import AckGate
 from .journal import ACTIVE, Journal, RotationRow
 from .ledger import StoreLedger
@@ -76,8 +78,13 @@ class Engine:
         locks: dict[str, threading.RLock] | None = None,
         reencryptor: Reencryptor | None = None,
         gate: AckGate | None = None,
+        security_consumers: Sequence[str] = (),
+        drift_hold: timedelta = timedelta(minutes=5),
     ) -> None:
         self.secrets = {s.name: s for s in secrets}
+        self.drift = DriftGuard(journal, audit, security_consumers)
+        #: How long a secret paused by drift waits before its next tick looks again.
+        self.drift_hold = drift_hold
         self.gate = gate
         self.backends = backends
         self.journal = journal
@@ -114,6 +121,11 @@ class Engine:
                 if due > now:
                     return due
                 try:
+                    record = self.drift.check(self.setting(name), self.backends[self.setting(name).backend], now)
+                    if record is not None:  # a scheduled rotation never writes over someone else's change
+                        self.drift.paused(record)
+                        self._changed(name)
+                        return now + self.drift_hold
                     rot = self._start(name, trigger="schedule", emergency=False, reason=None, now=now)
                 except RotatordError as exc:
                     log.error("cannot start rotation", extra={"secret": name, "error": str(exc)})
@@ -121,9 +133,23 @@ class Engine:
             return self._advance(rot, now)
 
     def rotate(self, name: str, *, trigger: str, emergency: bool, reason: str | None, now: datetime) -> RotationRow:
-        """Start a rotation now (operator's request) and run the steps that are ready."""
-        self.setting(name)
+        """Start a rotation now (operator's request) and run the steps that are ready.
+
+        A secret with drift is refused unless ``emergency``.  An emergency rotation first
+        accepts the backend's current document as the baseline (clearing the drift) and rotates
+        from it, so keys someone added out of band stay in the ring as decrypt-only keys and
+        stored data under them stays readable until the census says otherwise.  If that
+        document is unreadable (fails the schema, foreign, deleted or destroyed) it refuses:
+        the journal holds no key material to rebuild a ring from, and a fresh ring would drop
+        keys stored data may need; the operator restores a valid version first.
+        """
+        secret = self.setting(name)
         with self._lock(name):
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+            if record is not None:
+                if not emergency:
+                    raise self.drift.error(record)
+                self.drift.accept(secret, self.backends[secret.backend], trigger, "emergency", now, note=reason)
             active = self.journal.active(name)
             if active is not None:
                 if not emergency:
@@ -160,6 +186,9 @@ class Engine:
                 raise RollbackImpossible(
                     f"rotation {rot.version} of {name!r} created the secret; there is no previous key"
                 )
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+            if record is not None:
+                raise self.drift.error(record)
             # Find out whether there is anything to put back BEFORE recording the intent: every
             # later tick finishes a recorded rollback, so an impossible one must never be recorded.
             current = self.backends[secret.backend].read(secret.path)
@@ -196,6 +225,9 @@ class Engine:
             latest = self.journal.latest(name)
             if latest is None:
                 raise UsageError(f"{name!r} was never created; nothing to re-encrypt")
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+            if record is not None:  # never move data under a key someone else put in the ring
+                raise self.drift.error(record)
             current = self.backends[secret.backend].read(secret.path)
             ring = self._require_ring(secret, current.document if current else None)
             step = f"manual-{int(now.timestamp() * 1000)}"
@@ -218,6 +250,32 @@ class Engine:
         if previous is not None and (previous.valid_until is None or previous.valid_until > utcnow()):
             values.append(previous.value.reveal())
         return values
+
+    def check_drift(self, name: str, now: datetime) -> DriftRecord | None:
+        """The periodic check: compare ``name``'s backend with its baseline now (see engine.drift).
+        Returns its open drift, or None.  Raises what the backend raises."""
+        secret = self.setting(name)
+        with self._lock(name):
+            return self.drift.check(secret, self.backends[secret.backend], now)
+
+    def adopt(self, name: str, *, actor: str, reason: str | None, now: datetime) -> dict[str, Any]:
+        """``rotatord adopt``: accept the backend's current document as ``name``'s baseline and
+        clear its drift, after validating it (schema, name and kind).  An invalid document
+        raises DocumentInvalid / NotManaged and nothing changes.  A rotation paused by the
+        drift resumes at its next tick."""
+        secret = self.setting(name)
+        with self._lock(name):
+            if self.journal.latest(name) is None:
+                raise UsageError(f"{name!r} was never rotated by rotatord; there is nothing to adopt")
+            record = self.drift.ledger.open_drift(name)
+            seen = self.drift.accept(secret, self.backends[secret.backend], actor, "adopt", now, note=reason)
+        self._changed(name)
+        return {
+            "name": name,
+            "backend_version": seen.version,
+            "drift_cleared": record is not None,
+            "reason": record.reason if record else None,
+        }
 
     def resume(self, now: datetime) -> list[RotationRow]:
         """Every rotation left active by an earlier process (crash, restart, failover)."""
@@ -251,6 +309,14 @@ class Engine:
         while rot.status == ACTIVE:
             if rot.next_attempt_at is not None and rot.next_attempt_at > now:
                 return rot.next_attempt_at
+            try:
+                record = self.drift.check(secret, self.backends[secret.backend], now)
+            except RotatordError as exc:
+                return self._failed(rot, "drift-check", exc, now)
+            if record is not None:  # the step holds: it never acts on a secret someone else changed
+                self.drift.paused(record)
+                self._changed(rot.secret)
+                return now + self.drift_hold
             pending_rollback = self.journal.step(rot.id, "rollback")
             if pending_rollback is not None:  # an interrupted rollback is finished, not undone
                 try:
@@ -341,7 +407,7 @@ class Engine:
             before["primary"] = ring.primary if ring else None
             return t.stage_ring(ring, secret.name, rot.version, generator.generate, now)
 
-        version, doc = self._cas(secret, mutate, request_id)
+        version, doc = self._cas(secret, mutate, request_id, now)
         assert isinstance(doc, FernetRing)
         kid = key_id_for(rot.version)
         previous = before["primary"] if before["primary"] != kid else None
@@ -357,7 +423,7 @@ class Engine:
             ring = self._require_ring(secret, doc)
             return t.promote_ring(ring, rot.version, now, retire_after)
 
-        version, doc = self._cas(secret, mutate, request_id)
+        version, doc = self._cas(secret, mutate, request_id, now)
         assert isinstance(doc, FernetRing)
         old = doc.key(rot.previous_key) if rot.previous_key else None
         if old is not None and old.retire_after is not None:
@@ -399,7 +465,7 @@ class Engine:
         def mutate(doc: Document | None) -> Document | None:
             return t.retire_ring(self._require_ring(secret, doc), candidates, now)
 
-        version, _doc = self._cas(secret, mutate, request_id)
+        version, _doc = self._cas(secret, mutate, request_id, now)
         removed = ",".join(sorted(candidates))
         return StepOutcome({"backend_version": version, "removed": removed}, {"backend_version": version},
                            {"removed": removed})  # fmt: skip
@@ -419,7 +485,7 @@ class Engine:
                 generate=generator.generate, now=now, valid_until=valid_until, ttl=secret.token_ttl,
             )  # fmt: skip
 
-        version, doc = self._cas(secret, mutate, request_id)
+        version, doc = self._cas(secret, mutate, request_id, now)
         assert isinstance(doc, CredentialSet)
         kid = key_id_for(rot.version)
         previous = before["current"] if before["current"] != kid else (doc.previous.id if doc.previous else None)
@@ -434,7 +500,7 @@ class Engine:
                 raise NotManaged(f"{secret.path}: the credential document disappeared")
             return t.revoke_credential(cs, now)
 
-        version, _doc = self._cas(secret, mutate, request_id)
+        version, _doc = self._cas(secret, mutate, request_id, now)
         revoked = rot.previous_key or ""
         return StepOutcome({"backend_version": version, "revoked": revoked}, {"backend_version": version},
                            {"revoked": revoked})  # fmt: skip
@@ -480,7 +546,7 @@ class Engine:
         def mutate(doc: Document | None) -> Document | None:
             return self._rolled_back(secret, rot, doc, now)
 
-        version, _doc = self._cas(secret, mutate, request_id)
+        version, _doc = self._cas(secret, mutate, request_id, now)
         self._audit("rotation.rolled_back", rot, actor=trigger, reason=reason, backend_version=version)
         outcome = StepOutcome({"backend_version": version}, {}, {"reason": reason or ""})
         events = self._events(secret, rot, "rotation.rolled_back", rot.phase, outcome, now)
@@ -495,18 +561,31 @@ class Engine:
     # -- helpers ---------------------------------------------------------------------------
 
     def _cas(
-        self, secret: SecretSettings, mutate: Callable[[Document | None], Document | None], request_id: str
+        self,
+        secret: SecretSettings,
+        mutate: Callable[[Document | None], Document | None],
+        request_id: str,
+        now: datetime,
     ) -> tuple[str, Document]:
-        """Read, transform, write with check-and-set; on a conflict re-read and re-validate."""
+        """Read, transform, write with check-and-set; on a conflict re-read and re-validate.
+
+        Each read must find the version rotatord last wrote (or its own pending write): a
+        version someone else wrote raises DriftDetected instead of being written over.  The
+        digest of the new document is journaled before the write and the observed version
+        after it, so drift detection knows rotatord's own writes, even across a crash.
+        """
         backend = self.backends[secret.backend]
         for _attempt in range(CAS_ATTEMPTS):
             current = backend.read(secret.path)
             if current is not None:
                 self._check_owner(secret, current.document)
+            self.drift.confirm(secret, backend, current.version if current else None, now)
             new = mutate(current.document if current else None)
             if new is None:
                 assert current is not None
                 return current.version, current.document
+            new_digest = digest(new)
+            self.drift.before_write(secret, request_id, new_digest, now)
             try:
                 version = backend.write(
                     secret.path, new, expected=current.version if current else None, request_id=request_id
@@ -514,6 +593,7 @@ class Engine:
             except ConflictError:
                 log.info("concurrent change; re-reading", extra={"secret": secret.name, "path": secret.path})
                 continue
+            self.drift.after_write(secret, backend, version, new_digest, now)
             return version, new
         raise ConflictError(f"{secret.path}: changed concurrently {CAS_ATTEMPTS} times in a row; will retry")
 
