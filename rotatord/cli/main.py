@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "adopt", parents=[common], help="accept a secret's current document after drift (validated first)"
+    )
+    p.add_argument("name")
+    p.add_argument("--reason", help="why (recorded in the audit log)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("status", parents=[common], help="version, phase, age and next rotation of each secret")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
@@ -92,6 +99,7 @@ COMMANDS = {
     "check-config": "daemon_cmds:check_config",
     "rotate": "rotation_cmds:rotate",
     "rollback": "rotation_cmds:rollback",
+    "adopt": "rotation_cmds:adopt",
     "status": "rotation_cmds:status",
     "history": "rotation_cmds:history",
     "audit": "audit_cmds:audit",

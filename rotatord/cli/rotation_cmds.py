@@ -17,7 +17,7 @@ from .client import call_daemon
 from .common import load, load_checked
 from .output import emit_json, out, relative, table
 
-__all__ = ["history", "rollback", "rotate", "status"]
+__all__ = ["adopt", "history", "rollback", "rotate", "status"]
 
 
 def _require(settings: Settings, name: str | None) -> None:
@@ -65,6 +65,26 @@ def rollback(args: argparse.Namespace) -> int:
         emit_json(result)
     else:
         out(f"{args.name}: rotation {result['version']} rolled back; the previous primary is in force again")
+    return 0
+
+
+def adopt(args: argparse.Namespace) -> int:
+    """Accept the backend's current document of NAME (validated first) and clear its drift."""
+    _path, settings = load_checked(args)
+    _require(settings, args.name)
+    request = {"op": "adopt", "name": args.name}
+    if args.reason:
+        request["reason"] = args.reason
+    result = call_daemon(settings.daemon.socket_path, request)
+    if args.json:
+        emit_json(result)
+    elif result["drift_cleared"]:
+        out(
+            f"{args.name}: version {result['backend_version']} adopted; drift ({result['reason']}) cleared, "
+            "rotations resume"
+        )
+    else:
+        out(f"{args.name}: version {result['backend_version']} adopted (there was no open drift)")
     return 0
 
 
@@ -116,6 +136,12 @@ def status(args: argparse.Namespace) -> int:
     for r in rows:
         if r.get("error"):
             out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
+        if r.get("drift"):
+            d = r["drift"]
+            out(
+                f"{r['name']}: DRIFT ({d['reason']}) since {d['detected_at']}: {d['message']}; rotations paused: "
+                f"run 'rotatord adopt {r['name']}' or 'rotatord rotate {r['name']} --emergency'"
+            )
     if webhooks is not None:
         failing = [e["consumer"] for e in webhooks["endpoints"] if e["failing"] or e["disabled"]]
         line = f"webhooks: {webhooks['pending']} pending, {len(webhooks['dead'])} dead-lettered"

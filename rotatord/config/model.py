@@ -101,6 +101,16 @@ class DaemonSettings(_Frozen):
     startup_jitter: Duration = timedelta(seconds=30)
     step_retry_initial: Duration = timedelta(seconds=5)
     step_retry_max: Duration = timedelta(minutes=10)
+    #: How often every managed secret is compared with what rotatord last wrote (drift check);
+    #: also how long a secret paused by drift waits between looks.
+    drift_check_interval: Duration = timedelta(minutes=5)
+
+    @field_validator("drift_check_interval")
+    @classmethod
+    def _drift_interval_floor(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return value
 
     @property
     def database_url(self) -> str:

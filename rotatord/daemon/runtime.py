@@ -88,6 +88,8 @@ def build_runtime(
         stores=stores,
         locks=locks,
         reencryptor=reencryptor,
+        security_consumers=settings.notify.security_consumers,
+        drift_hold=daemon.drift_check_interval,
     )
     notifier = None
     if settings.consumers:

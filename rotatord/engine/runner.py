@@ -309,16 +309,11 @@ class Engine:
         while rot.status == ACTIVE:
             if rot.next_attempt_at is not None and rot.next_attempt_at > now:
                 return rot.next_attempt_at
-            try:
-                record = self.drift.check(secret, self.backends[secret.backend], now)
-            except RotatordError as exc:
-                return self._failed(rot, "drift-check", exc, now)
-            if record is not None:  # the step holds: it never acts on a secret someone else changed
-                self.drift.paused(record)
-                self._changed(rot.secret)
-                return now + self.drift_hold
             pending_rollback = self.journal.step(rot.id, "rollback")
             if pending_rollback is not None:  # an interrupted rollback is finished, not undone
+                held = self._held(secret, rot, "rollback", now)
+                if held is not None:
+                    return held
                 try:
                     rot = self._finish_rollback(secret, rot, pending_rollback.request_id, "resume", None, now)
                 except RotatordError as exc:
@@ -336,6 +331,9 @@ class Engine:
                 ready = self.gate.promote_at(secret, rot, now)
             if ready is not None and ready > now:
                 return ready
+            held = self._held(secret, rot, step, now)
+            if held is not None:
+                return held
             try:
                 rot = self._run_step(secret, rot, step, now)
             except StepInterrupted:
@@ -347,6 +345,20 @@ class Engine:
                 return self._failed(rot, step, exc, now)
         self._changed(rot.secret)
         return self.next_due(rot.secret, now)
+
+    def _held(self, secret: SecretSettings, rot: RotationRow, step: str, now: datetime) -> datetime | None:
+        """Before ``step`` acts: when to look again if the secret drifted (the step holds: it
+        never acts on a secret someone else changed), or None to go on.  A failed check counts
+        as a failure of the step."""
+        try:
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+        except RotatordError as exc:
+            return self._failed(rot, step, exc, now)
+        if record is None:
+            return None
+        self.drift.paused(record)
+        self._changed(rot.secret)
+        return now + self.drift_hold
 
     @staticmethod
     def _ready_at(rot: RotationRow, step: str) -> datetime | None:
