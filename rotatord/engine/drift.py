@@ -233,7 +233,7 @@ class DriftGuard:
         )  # fmt: skip
         log.warning(
             "drift detected: the backend holds what rotatord did not write; rotations of this secret are paused",
-            extra={"secret": secret.name, "reason": reason, "message": message, "observed_version": observed,
+            extra={"secret": secret.name, "reason": reason, "detail": message, "observed_version": observed,
                    "baseline_version": base.version, "drift_id": record.id},
         )  # fmt: skip
         return record
