@@ -72,7 +72,7 @@ def test_a_version_written_by_hand_is_reported_everywhere_and_pauses_rotations(
     data = events[0][1]["data"]
     assert isinstance(data, dict)
     assert (data["secret"], data["reason"], data["backend_version"]) == (FERNET, "version_changed", theirs)
-    assert [e for e in audit(rt) if e["event"] == "secret.drift_detected"][0]["reason"] == "version_changed"
+    assert next(e for e in audit(rt) if e["event"] == "secret.drift_detected")["reason"] == "version_changed"
     warnings = [json.loads(line) for line in log_stream.getvalue().splitlines() if '"level":"warning"' in line]
     assert any(w.get("secret") == FERNET and w.get("reason") == "version_changed" for w in warnings)
     status = secret_status(rt.engine, FERNET, T1)
