@@ -136,9 +136,14 @@ class DriftGuard:
         self.ledger.set_pending(secret.name, request_id, digest, now)
 
     def after_write(self, secret: SecretSettings, backend: Backend, version: str, digest: str, now: datetime) -> None:
-        """Make the version just written the baseline (with its marks and labels, as observed)."""
+        """Make the version just written the baseline (with its marks and labels, as observed).
+
+        The version the write returned is rotatord's even when its document is not ``digest``:
+        a write resumed after a crash may publish the body its first attempt stored (AWS
+        versions are immutable), so the observed digest of that version is the one to keep.
+        """
         seen = backend.observe(secret.path)
-        if seen is None or (seen.version, seen.digest) != (version, digest):
+        if seen is None or seen.version != version:
             # Someone moved the path on already: keep what we wrote; the next check reports it.
             seen = Observed(version, digest, marked=False)
         self.ledger.set_baseline(secret.name, seen, "write", now)
