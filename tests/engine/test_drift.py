@@ -185,3 +185,21 @@ def test_a_state_database_without_baselines_starts_from_the_journal(harness: Har
     intrude(harness)  # not the version the journal recorded: drift, even without a baseline
     record = rt.engine.check_drift(FERNET, T0 + 2 * SECOND)
     assert record is not None and record.reason == "version_changed"
+
+
+def test_the_write_itself_refuses_a_version_it_did_not_expect(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second line of defence: a change landing between the pre-step check and the step's own
+    read is caught by the step's check-and-set path, never written over."""
+    rt = harness.build()
+    rt.engine.tick(FERNET, T0)
+    assert rt.engine.tick(FERNET, T1) == PROMOTE_AT
+    theirs = intrude(harness)
+    monkeypatch.setattr(rt.engine, "_held", lambda *args: None)  # as if the change came just after the check
+    rt.engine.tick(FERNET, PROMOTE_AT)
+    rot = rt.journal.active(FERNET)
+    assert rot is not None and rot.phase == "staged"
+    assert rot.error is not None and rot.error.startswith("promote: ") and "drift detected" in rot.error
+    assert harness.versions(FERNET)[-1].version == theirs
+    assert [d.reason for d in rt.journal.drift_all()] == ["version_changed"]
