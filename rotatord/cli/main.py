@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name")
     p.add_argument("--reason", help="why (recorded in the audit log)")
+    p.add_argument("--offline", action="store_true", help="run in this process while the daemon is down")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("status", parents=[common], help="version, phase, age and next rotation of each secret")

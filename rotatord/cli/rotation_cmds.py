@@ -72,10 +72,21 @@ def adopt(args: argparse.Namespace) -> int:
     """Accept the backend's current document of NAME (validated first) and clear its drift."""
     _path, settings = load_checked(args)
     _require(settings, args.name)
-    request = {"op": "adopt", "name": args.name}
-    if args.reason:
-        request["reason"] = args.reason
-    result = call_daemon(settings.daemon.socket_path, request)
+    if args.offline:
+        from ..daemon.lock import StateLock
+        from ..daemon.runtime import build_runtime
+
+        with StateLock(settings.daemon.state_dir):
+            runtime = build_runtime(settings)
+            try:
+                result = runtime.engine.adopt(args.name, actor="cli:offline", reason=args.reason, now=utcnow())
+            finally:
+                runtime.close()
+    else:
+        request = {"op": "adopt", "name": args.name}
+        if args.reason:
+            request["reason"] = args.reason
+        result = call_daemon(settings.daemon.socket_path, request)
     if args.json:
         emit_json(result)
     elif result["drift_cleared"]:

@@ -140,6 +140,15 @@ def test_drift_reported_by_every_channel_then_adopt_and_emergency_clear_it(
         assert status_json(config)[DB]["drift"] is None
         seen |= materials(read_doc(config, "local", DB_PATH))
         assert daemon.stop() == 0
+
+        # 4. With the daemon down, adopt --offline takes its lock and works in process.
+        mine = backend.read(DB_PATH)
+        assert mine is not None
+        written = backend.write(DB_PATH, mine.document, expected=mine.version, request_id="by-hand-2")
+        offline = cli(config, "adopt", DB, "--offline", "--json")
+        outputs.append(offline.stdout)
+        assert offline.returncode == 0, offline.stderr
+        assert json.loads(offline.stdout)["backend_version"] == written
     finally:
         daemon.kill()
         backend.close()
@@ -158,6 +167,7 @@ def test_drift_reported_by_every_channel_then_adopt_and_emergency_clear_it(
         ("secret.drift_resolved", "adopt"),
         ("secret.drift_detected", None),
         ("secret.drift_resolved", "emergency"),
+        ("secret.adopted", "adopt"),  # offline, no drift was open: a plain re-basing
     ]
     assert_no_material(
         seen, files=[tmp_path / "daemon.log", tmp_path / "var" / "audit.log"],
