@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rotate", parents=[common], help="rotate a secret now")
     p.add_argument("name")
     p.add_argument(
-        "--emergency", action="store_true", help="no propagation wait, no grace period (census still applies)"
+        "--emergency",
+        action="store_true",
+        help="no propagation wait, no grace period (census still applies); clears drift by accepting "
+        "the current document first",
     )
     p.add_argument("--reason", help="why (recorded in the audit log)")
     p.add_argument("--offline", action="store_true", help="run in this process while the daemon is down")
