@@ -103,8 +103,8 @@ class DriftGuard:
             if seen is not None and seen.unreadable is None and latest.backend_version in (None, seen.version):
                 self.ledger.set_baseline(secret.name, seen, "write", now)
                 return None
-            if seen is None:
-                return None
+            if seen is None and latest.backend_version is None:
+                return None  # the first write is still to come
             base = Baseline(secret.name, latest.backend_version, None, False, None, frozenset(), "write", now)
             findings = [f for f in compare(base, seen) if f.reason != "document_changed"]
         else:

@@ -203,3 +203,17 @@ def test_the_write_itself_refuses_a_version_it_did_not_expect(
     assert rot.error is not None and rot.error.startswith("promote: ") and "drift detected" in rot.error
     assert harness.versions(FERNET)[-1].version == theirs
     assert [d.reason for d in rt.journal.drift_all()] == ["version_changed"]
+
+
+def test_a_secret_deleted_from_the_backend_is_drift(harness: Harness) -> None:
+    rt = harness.build()
+    rt.engine.tick(FERNET, T0)
+    for database in (False, True):  # with a baseline, and from a state database without one
+        if database:
+            harness.sql("UPDATE drift SET resolved_at = '2025-01-06 03:00:00.000000'")
+            harness.sql("DELETE FROM baselines")
+        directory = harness.backend_settings.directory / harness.secret(FERNET).path
+        (directory / "current").rename(directory / "moved")
+        record = rt.engine.check_drift(FERNET, T0 + SECOND)
+        assert record is not None and record.reason == "secret_deleted"
+        (directory / "moved").rename(directory / "current")
