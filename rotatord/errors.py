@@ -21,6 +21,7 @@ Subclasses follow what the operator does next, not where the error was raised::
     │   ├── RollbackImpossible         no previous primary left in the ring
     │   ├── RetirementBlocked          data still needs the retiring key
     │   ├── ReencryptionIncomplete     items are still under old keys after the passes; retried
+    │   ├── DriftDetected              someone else changed the secret: adopt it or rotate --emergency
     │   └── StepInterrupted            the daemon is stopping; the step resumes from its checkpoint
     ├── StateError                     the state database is unusable or inconsistent
     ├── AuditError                     the audit log failed verification    (exit 65)
@@ -45,6 +46,7 @@ __all__ = [
     "DaemonNotRunning",
     "DecryptError",
     "DocumentInvalid",
+    "DriftDetected",
     "ListenError",
     "LockHeld",
     "NotManaged",
@@ -154,6 +156,10 @@ class RetirementBlocked(RotationError):
 
 class ReencryptionIncomplete(RotationError):
     transient = True
+
+
+class DriftDetected(RotationError):
+    """The backend holds something rotatord did not write; its rotations are paused."""
 
 
 class StepInterrupted(RotationError):

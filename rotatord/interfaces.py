@@ -25,6 +25,7 @@ __all__ = [
     "Generator",
     "Identify",
     "Notifier",
+    "Observed",
     "Progress",
     "ReencryptReport",
     "RotateBatch",
@@ -49,6 +50,33 @@ class VersionInfo:
     created_at: datetime | None
     current: bool
     request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A fingerprint of what a backend holds at one path, for drift detection.  No material.
+
+    ``digest`` is :func:`rotatord.document.digest` of the current document (SHA-256 of its
+    canonical JSON), ``None`` when ``unreadable`` says why it cannot be read: ``"deleted"`` or
+    ``"destroyed"`` (the current version), ``"invalid"`` (fails the schema), ``"foreign"`` (not a
+    rotatord document).  ``marked`` is whether rotatord's management marks are still on the path
+    (Vault ``custom_metadata`` + ``cas_required``, the AWS tag; always True where there are none).
+    ``labels`` maps the backend's version labels to versions (AWS staging labels except
+    AWSPENDING, rotatord's own in-flight marker), None where versions carry no labels.
+    ``deleted`` are versions the backend still lists but that were deleted or destroyed.
+    ``owner`` is the document's (name, kind) when it is readable; ``problem`` the validation
+    message when it is not (it names fields, never values).
+    """
+
+    version: str | None
+    digest: str | None
+    request_id: str | None = None
+    unreadable: str | None = None
+    marked: bool = True
+    labels: Mapping[str, str] | None = None
+    deleted: frozenset[str] = frozenset()
+    owner: tuple[str, str] | None = None
+    problem: str | None = None
 
 
 class Backend(ABC):
@@ -83,6 +111,19 @@ class Backend(ABC):
     @abstractmethod
     def history(self, path: str) -> list[VersionInfo]:
         """Versions still kept for ``path``, oldest first.  Empty when the path does not exist."""
+
+    @abstractmethod
+    def observe(self, path: str) -> Observed | None:
+        """A fingerprint of ``path`` (see :class:`Observed`), None when nothing ever existed there.
+
+        Unlike :meth:`read` it never raises for what is stored (an invalid, foreign, deleted or
+        destroyed current version is reported in ``unreadable``): drift detection must see it.
+        Raises BackendUnavailable, PermissionDenied, BackendError (the backend cannot be asked).
+        """
+
+    def mark_managed(self, path: str) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Put rotatord's management marks back on ``path`` (after an operator adopted it),
+        without touching the document.  Raises like :meth:`write`."""
 
     def check(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Verify at start-up that the backend is reachable and usable.  Raises like :meth:`read`."""

@@ -99,6 +99,15 @@ class StateCollector(Collector):
         yield from _secret_families(snap, secrets, self._clock.now())
         yield from _store_families(snap, secrets)
         yield from _webhook_families(snap, consumers)
+        drifted = _g(
+            "rotatord_drift_open",
+            "Open drift records: the backend holds what rotatord did not write; rotations paused",
+            ["secret", "reason"],
+        )
+        for (secret, reason), count in sorted(snap.drift.items()):
+            if secret in secrets:
+                drifted.add_metric([secret, reason], count)
+        yield drifted
         yield _gauge("rotatord_metrics_scrape_duration_seconds", "Time spent reading state for this scrape",
                      time.monotonic() - started)  # fmt: skip
 

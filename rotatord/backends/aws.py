@@ -48,16 +48,17 @@ import botocore.config  # type: ignore[import-untyped]
 import botocore.exceptions  # type: ignore[import-untyped]
 import botocore.session  # type: ignore[import-untyped]
 
-from ..document import Document, dump_document, parse_document
+from ..document import Document, digest, dump_document, parse_document
 from ..errors import (
     BackendError,
     BackendUnavailable,
     ConfigError,
     ConflictError,
+    DocumentInvalid,
     NotManaged,
     PermissionDenied,
 )
-from ..interfaces import Backend, Versioned, VersionInfo
+from ..interfaces import Backend, Observed, Versioned, VersionInfo
 from ..sensitive import Sensitive
 
 if TYPE_CHECKING:
@@ -639,6 +640,20 @@ class AwsBackend(Backend):
         ]
         return sorted(out, key=lambda info: info.created_at or _EPOCH)  # stable: ties keep the listing order
 
+    def observe(self, path: str) -> Observed | None:
+        name = self._secret(path)
+        return self._kv.retrying(lambda: self._observe_once(name), f"observe {name}")
+
+    def mark_managed(self, path: str) -> None:
+        name = self._secret(path)
+
+        def run() -> None:
+            meta = self._kv.describe(name)
+            if meta is not None and not meta.managed:
+                self._kv.tag_managed(name)
+
+        self._kv.retrying(run, f"tag {name}")
+
     def check(self) -> None:
         probe = self._secret("rotatord-check")
 
@@ -714,6 +729,28 @@ class AwsBackend(Backend):
             return None
         self._usable(name, meta)
         return self._kv.read(name)
+
+    def _observe_once(self, name: str) -> Observed | None:
+        meta = self._kv.describe(name)
+        if meta is None:
+            return None
+        # AWSPENDING is rotatord's own in-flight marker (a write interrupted between the put and
+        # the label move leaves it, and the next write clears it): bots never read it.
+        labels = {label: v for v, stages in meta.stages.items() for label in stages if label != PENDING}
+        current = meta.current
+        gone = "deleted" if meta.deleted or current is None else None
+        if gone is not None or current is None:
+            return Observed(current, None, unreadable=gone, marked=meta.managed, labels=labels)
+        request_id = request_id_of(current)
+        try:
+            found = self._kv.read_version(name, current)
+        except (NotManaged, DocumentInvalid) as exc:
+            why = "foreign" if isinstance(exc, NotManaged) else "invalid"
+            return Observed(current, None, request_id, why, meta.managed, labels, problem=str(exc))
+        if found is None:
+            return Observed(current, None, request_id, "deleted", meta.managed, labels)
+        doc = found.document
+        return Observed(current, digest(doc), request_id, None, meta.managed, labels, owner=(doc.name, doc.kind))
 
     def _write_once(self, name: str, body: str, expected: str | None, request_id: str) -> str:
         where = self._where(name)

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..config.model import FileBackendSettings
 from ..config.references import read_credential
-from ..document import Document, parse_document, to_dict
+from ..document import Document, digest, parse_document, to_dict
 from ..errors import (
     BackendUnavailable,
     ConfigError,
@@ -46,7 +46,7 @@ from ..errors import (
     PermissionDenied,
 )
 from ..fsutil import atomic_write, fsync_dir
-from ..interfaces import Backend, Versioned, VersionInfo
+from ..interfaces import Backend, Observed, Versioned, VersionInfo
 from ..timeutil import Clock, SystemClock, format_ts, parse_ts
 
 __all__ = ["FileBackend", "init_master_key", "path_problem"]
@@ -219,6 +219,31 @@ class FileBackend(Backend):
                 atomic_write(where / _POINTER, f"{new}\n".encode())
                 self._prune(path, where, new)
                 return str(new)
+
+    def observe(self, path: str) -> Observed | None:
+        where = self._secret_dir(path)
+        with self._os_errors(f"cannot read {path}"):
+            if self._pointer(path, where) is None:
+                return None
+            aead = self._key()
+            with _flock(where / _LOCK, exclusive=False):
+                current = self._pointer(path, where)
+                if current is None:
+                    return None
+                try:
+                    envelope = self._open(aead, path, where, current)
+                except DocumentInvalid as exc:
+                    # Missing, undecryptable or tampered: someone other than rotatord was here.
+                    return Observed(str(current), None, unreadable="invalid", problem=str(exc))
+        request_id = envelope.get("request_id")
+        raw = envelope.get("document")
+        try:
+            if not isinstance(raw, dict):
+                raise DocumentInvalid(f"{path} version {current}: no document in the envelope")
+            document = parse_document(raw, where=f"{path} version {current}")
+        except DocumentInvalid as exc:
+            return Observed(str(current), None, request_id, unreadable="invalid", problem=str(exc))
+        return Observed(str(current), digest(document), request_id, owner=(document.name, document.kind))
 
     def history(self, path: str) -> list[VersionInfo]:
         where = self._secret_dir(path)

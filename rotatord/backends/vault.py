@@ -41,11 +41,19 @@ import hvac
 import hvac.exceptions as hx
 import requests
 
-from ..document import Document, dump_document, parse_document
-from ..errors import BackendError, BackendUnavailable, ConfigError, ConflictError, NotManaged, PermissionDenied
-from ..interfaces import Backend, Versioned, VersionInfo
+from ..document import Document, digest, dump_document, parse_document
+from ..errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    ConflictError,
+    DocumentInvalid,
+    NotManaged,
+    PermissionDenied,
+)
+from ..interfaces import Backend, Observed, Versioned, VersionInfo
 from ..sensitive import Sensitive
-from ..timeutil import parse_ts
+from ..timeutil import parse_ts, utcnow
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -247,6 +255,40 @@ class VaultKV:
         self._call("update the metadata of", "update", self._api("metadata", path), op)
         log.info("path marked as managed by rotatord", extra={"backend": self.label, "path": self._api("data", path)})
         return True
+
+    def observe(self, path: str) -> Observed | None:
+        """A fingerprint of ``path`` for drift detection (see :class:`Observed`), None when absent."""
+        meta = self.metadata(path)
+        if meta is None:
+            return None
+        current = int(meta.get("current_version") or 0)
+        if current == 0:
+            return None
+        now = utcnow()
+        gone: dict[int, str] = {}
+        for key, info in (meta.get("versions") or {}).items():
+            deleted_at = _parse_time(info.get("deletion_time"))
+            if info.get("destroyed"):
+                gone[int(key)] = "destroyed"
+            elif deleted_at is not None and deleted_at <= now:  # a future time is a scheduled expiry
+                gone[int(key)] = "deleted"
+        custom = meta.get("custom_metadata") or {}
+        key, value = MANAGED_BY
+        marked = custom.get(key) == value and meta.get("cas_required") is True
+        deleted = frozenset(str(v) for v in gone)
+        if current in gone:
+            return Observed(str(current), None, unreadable=gone[current], marked=marked, deleted=deleted)
+        raw = self._read_raw(path, current)
+        if raw is None:  # deleted between the two calls
+            return Observed(str(current), None, unreadable="deleted", marked=marked, deleted=deleted)
+        data, number = raw
+        request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
+        try:
+            doc = self._decode(path, number, data).document
+        except (NotManaged, DocumentInvalid) as exc:
+            why = "foreign" if isinstance(exc, NotManaged) else "invalid"
+            return Observed(str(number), None, request_id, why, marked, deleted=deleted, problem=str(exc))
+        return Observed(str(number), digest(doc), request_id, None, marked, deleted=deleted, owner=(doc.name, doc.kind))
 
     def history(self, path: str) -> list[VersionInfo]:
         """Versions kept for ``path`` (destroyed ones excluded), oldest first."""
@@ -598,6 +640,12 @@ class VaultBackend(Backend):
 
     def history(self, path: str) -> list[VersionInfo]:
         return self._kv.history(self._full(path))
+
+    def observe(self, path: str) -> Observed | None:
+        return self._kv.observe(self._full(path))
+
+    def mark_managed(self, path: str) -> None:
+        self._kv.ensure_managed(self._full(path), self._settings.max_versions)
 
     def check(self) -> None:
         self._kv.check()

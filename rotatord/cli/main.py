@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--emergency",
         action="store_true",
         help="a key leaked: no propagation wait, no grace period (the census still applies); needs --reason; "
-        "prints the blast-radius report, live on a terminal",
+        "prints the blast-radius report, live on a terminal; clears drift by accepting the current document first",
     )
     p.add_argument("--reason", help="why (recorded in the audit log; required with --emergency)")
     p.add_argument("--offline", action="store_true", help="run in this process while the daemon is down")
@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", parents=[common], help="put the previous primary back while it is in the ring")
     p.add_argument("name")
     p.add_argument("--reason")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "adopt", parents=[common], help="accept a secret's current document after drift (validated first)"
+    )
+    p.add_argument("name")
+    p.add_argument("--reason", help="why (recorded in the audit log)")
+    p.add_argument("--offline", action="store_true", help="run in this process while the daemon is down")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("status", parents=[common], help="version, phase, age and next rotation of each secret")
@@ -95,6 +103,7 @@ COMMANDS = {
     "check-config": "daemon_cmds:check_config",
     "rotate": "rotation_cmds:rotate",
     "rollback": "rotation_cmds:rollback",
+    "adopt": "rotation_cmds:adopt",
     "status": "rotation_cmds:status",
     "history": "rotation_cmds:history",
     "audit": "audit_cmds:audit",

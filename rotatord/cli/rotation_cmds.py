@@ -18,7 +18,7 @@ from .client import call_daemon
 from .common import load, load_checked
 from .output import emit_json, out, relative, table
 
-__all__ = ["history", "rollback", "rotate", "status"]
+__all__ = ["adopt", "history", "rollback", "rotate", "status"]
 
 #: ``rotate --emergency`` that could not finish yet (the daemon retries): EX_TEMPFAIL.
 EX_UNFINISHED = 75
@@ -101,6 +101,37 @@ def rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def adopt(args: argparse.Namespace) -> int:
+    """Accept the backend's current document of NAME (validated first) and clear its drift."""
+    _path, settings = load_checked(args)
+    _require(settings, args.name)
+    if args.offline:
+        from ..daemon.lock import StateLock
+        from ..daemon.runtime import build_runtime
+
+        with StateLock(settings.daemon.state_dir):
+            runtime = build_runtime(settings)
+            try:
+                result = runtime.engine.adopt(args.name, actor="cli:offline", reason=args.reason, now=utcnow())
+            finally:
+                runtime.close()
+    else:
+        request = {"op": "adopt", "name": args.name}
+        if args.reason:
+            request["reason"] = args.reason
+        result = call_daemon(settings.daemon.socket_path, request)
+    if args.json:
+        emit_json(result)
+    elif result["drift_cleared"]:
+        out(
+            f"{args.name}: version {result['backend_version']} adopted; drift ({result['reason']}) cleared, "
+            "rotations resume"
+        )
+    else:
+        out(f"{args.name}: version {result['backend_version']} adopted (there was no open drift)")
+    return 0
+
+
 def _describe_rotation(s: dict[str, Any], now: datetime, *, offline: bool) -> None:
     line = f"{s['name']}: rotation {s['version']} {s['state']}, phase {s['phase']}"
     if s.get("next_step"):
@@ -152,6 +183,12 @@ def status(args: argparse.Namespace) -> int:
                 out(f"{r['name']}: {r['error']}")
             else:
                 out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
+        if r.get("drift"):
+            d = r["drift"]
+            out(
+                f"{r['name']}: DRIFT ({d['reason']}) since {d['detected_at']}: {d['message']}; rotations paused: "
+                f"run 'rotatord adopt {r['name']}' or 'rotatord rotate {r['name']} --emergency'"
+            )
     for r in rows:
         blast = r.get("blast_radius")
         # The emergency's report: always for the secret asked about, and while it runs for all.

@@ -145,6 +145,16 @@ class DaemonSettings(_Frozen):
     step_retry_max: Duration = timedelta(minutes=10)
     #: Prometheus /metrics and /healthz over HTTP: "host:port", or "off".
     metrics: Annotated[str, AfterValidator(_metrics_address)] = "127.0.0.1:9464"
+    #: How often every managed secret is compared with what rotatord last wrote (drift check);
+    #: also how long a secret paused by drift waits between looks.
+    drift_check_interval: Duration = timedelta(minutes=5)
+
+    @field_validator("drift_check_interval")
+    @classmethod
+    def _drift_interval_floor(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return value
 
     @property
     def database_url(self) -> str:

@@ -27,6 +27,7 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "history": {"name": (str, True)},
     "rotate": {"name": (str, True), "emergency": (bool, False), "reason": (str, False)},
     "rollback": {"name": (str, True), "reason": (str, False)},
+    "adopt": {"name": (str, True), "reason": (str, False)},
     "reload": {},
     "census": {"name": (str, True)},
     "webhooks.list": {"consumer": (str, False), "status": (str, False), "webhook_id": (str, False)},

@@ -98,6 +98,8 @@ def build_runtime(
         locks=locks,
         reencryptor=reencryptor,
         hooks=hooks,
+        security_consumers=settings.notify.security_consumers,
+        drift_hold=daemon.drift_check_interval,
     )
     notifier = None
     if settings.consumers:

@@ -42,6 +42,8 @@ STATUS_INTERVAL = 1.0
 SWEEP_INTERVAL = 10.0
 #: A difference between wall-clock and monotonic progress above this is logged as a clock jump.
 CLOCK_JUMP_SECONDS = 2.0
+#: The scheduler key of the periodic drift check (":" cannot start a secret name).
+DRIFT_JOB = ":drift-check"
 
 
 class Daemon:
@@ -107,6 +109,7 @@ class Daemon:
             )
             self.scheduler.start()
             self._arm_all(startup=True)
+            self._arm_drift(self.clock.now())
             for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set)):
                 self._loop.add_signal_handler(sig, handler)
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
@@ -166,7 +169,7 @@ class Daemon:
         now = self.clock.now()
         jitter = self.settings.daemon.startup_jitter.total_seconds()
         for key in self.scheduler.job_ids():
-            if key not in engine.secrets:
+            if key not in engine.secrets and key != DRIFT_JOB:
                 self.scheduler.disarm(key)
         latest = engine.journal.latest_all()  # one query, not two per secret
         for name, secret in engine.secrets.items():
@@ -181,6 +184,25 @@ class Daemon:
     def _arm(self, name: str, when: datetime) -> None:
         if not self._stopping:
             self.scheduler.arm(name, when, lambda: self._tick(name))
+
+    def _arm_drift(self, when: datetime) -> None:
+        if not self._stopping:
+            self.scheduler.arm(DRIFT_JOB, when, self._drift_sweep)
+
+    def _drift_sweep(self) -> None:
+        """Compare every managed secret with its baseline; one failing backend does not stop the rest."""
+        engine = self.runtime.engine
+        for name in list(engine.secrets):
+            if self._stopping:
+                return
+            try:
+                engine.check_drift(name, self.clock.now())
+            except RotatordError as exc:
+                log.warning("drift check failed; tried again next time", extra={"secret": name, "error": str(exc)})
+            except Exception:
+                log.exception("drift check failed", extra={"secret": name})
+        self._changed_threadsafe("")
+        self._arm_drift(self.clock.now() + self.settings.daemon.drift_check_interval)
 
     def _tick(self, name: str, rearm: bool = True) -> None:
         engine = self.runtime.engine
@@ -285,6 +307,9 @@ class Daemon:
         runs = self.scheduler.next_runs()
         upcoming = sorted((runs.get(n) or now, n) for n in engine.secrets)
         parts = [f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
+        drifted = sorted({d.secret for d in engine.journal.drift_all() if d.secret in engine.secrets})
+        if drifted:
+            parts.append(f"{len(drifted)} drifted, paused ({', '.join(drifted[:3])})")
         if failing:
             parts.append(f"{len(failing)} failing ({failing[0].secret}: {failing[0].error})")
         if upcoming:
@@ -374,6 +399,10 @@ class Daemon:
             )
         elif request.op == "rollback":
             rot = engine.rollback(request.name, trigger=actor, reason=request.reason, now=now)
+        elif request.op == "adopt":
+            adopted = engine.adopt(request.name, actor=actor, reason=request.reason, now=now)
+            self._arm(request.name, now)  # a rotation the drift paused resumes now
+            return {**adopted, "status": self._status_of(request.name, self.clock.now())}
         else:  # parse_request admits no other op
             raise AssertionError(request.op)
         self._arm(request.name, engine.next_due(request.name, now) if not rot.active else now)

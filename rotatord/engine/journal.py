@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Boolean,
@@ -44,6 +44,9 @@ from sqlalchemy.types import TypeDecorator
 from ..errors import RotationInProgress, StateError
 from ..interfaces import Event
 from ..timeutil import format_ts
+
+if TYPE_CHECKING:
+    from .drift_store import DriftRecord
 
 __all__ = ["Journal", "RotationRow", "StepRow"]
 
@@ -210,7 +213,7 @@ class Journal:
             except OSError as exc:
                 raise StateError(f"cannot create the state database {database}: {exc.strerror}") from None
         from ..hooks import ledger as _hook_ledger  # noqa: F401 - registers its table too
-        from . import ledger  # noqa: F401 - registers its tables on the shared metadata
+        from . import drift_store, ledger  # noqa: F401 - register their tables on the shared metadata
 
         try:
             metadata.create_all(self._engine)
@@ -405,6 +408,15 @@ class Journal:
         with self._tx() as conn:
             n = conn.execute(select(func.count()).select_from(outbox).where(outbox.c.status == "pending")).scalar()
         return int(n or 0)
+
+    # -- drift (see rotatord.engine.drift_store) ------------------------------------------
+
+    def drift_all(self) -> list[DriftRecord]:
+        """The open drift records of every secret, oldest first: for status and metrics
+        collectors (e.g. a gauge of open drift per secret and reason).  No material."""
+        from .drift_store import DriftLedger
+
+        return DriftLedger(self).all_open()
 
     # -- audit head (see rotatord.audit.AuditHead) -----------------------------------------
 

@@ -37,7 +37,18 @@ def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
         "error": None,
         "attempts": 0,
         "emergency": bool(latest.emergency) if latest else False,
+        "drift": None,
     }
+    record = engine.drift.ledger.open_drift(name)
+    if record is not None:
+        out["drift"] = {
+            "id": record.id,
+            "reason": record.reason,
+            "message": record.message,
+            "detected_at": format_ts(record.detected_at),
+            "observed_version": record.observed_version,
+            "baseline_version": record.baseline_version,
+        }
     if latest is None:
         return out
     if latest.emergency:  # live while it runs, final afterwards
@@ -53,6 +64,8 @@ def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
         out["error"] = latest.error
         out["attempts"] = latest.attempts
         out["progress"] = progress_report(engine, latest.id)
+    if record is not None:
+        out["state"] = "paused (drift)"
     return out
 
 

@@ -15,13 +15,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..audit import AuditLog
 from ..config import SecretSettings
 from ..crypto.generators import generator_for
-from ..document import CredentialSet, Document, FernetRing, key_id_for
+from ..document import CredentialSet, Document, FernetRing, digest, key_id_for
 from ..errors import (
     ConflictError,
     NotManaged,
@@ -36,6 +36,8 @@ from ..errors import (
 from ..interfaces import Backend, Census, DataStore, Event
 from ..timeutil import utcnow
 from . import transitions as t
+from .drift import DriftGuard
+from .drift_store import DriftRecord
 from .emergency import EmergencyReports
 from .gate import AckGate
 from .journal import ACTIVE, Journal, RotationRow
@@ -81,10 +83,16 @@ class Engine:
         reencryptor: Reencryptor | None = None,
         gate: AckGate | None = None,
         hooks: HookRunner | None = None,
+        security_consumers: Sequence[str] = (),
+        drift_hold: timedelta = timedelta(minutes=5),
     ) -> None:
         self.secrets = {s.name: s for s in secrets}
+        self.drift = DriftGuard(journal, audit, security_consumers)
+        #: How long a secret paused by drift waits before its next tick looks again.
+        self.drift_hold = drift_hold
         self.gate = gate
         self.hooks = hooks
+        self.drift.on_detected = self._drift_hooks
         self.backends = backends
         self.journal = journal
         self.audit = audit
@@ -126,12 +134,26 @@ class Engine:
             if due > now:
                 return due
             try:
+                record = self.drift.check(self.setting(name), self.backends[self.setting(name).backend], now)
+                if record is not None:  # a scheduled rotation never writes over someone else's change
+                    self.drift.paused(record)
+                    self._changed(name)
+                    return now + self.drift_hold
                 rot = self._start(name, trigger="schedule", emergency=False, reason=None, now=now)
             except RotatordError as exc:
                 log.error("cannot start rotation", extra={"secret": name, "error": str(exc)})
                 self._failure(self.setting(name), "start", exc)
                 return now + self.retry.delay(1)
         return self._advance(rot, now)
+
+    def _drift_hooks(self, name: str, record: DriftRecord, event: Event | None, now: datetime) -> None:
+        """The secret's ``drift`` hooks, once per drift record (its id is the occasion)."""
+        if self.hooks is None or event is None or not self.hooks.configured(name):
+            return
+        try:
+            self.hooks.fire(name, "drift", event, now=now, occasion=f"drift-{record.id}")
+        except RotatordError as exc:  # the drift is recorded and reported whatever a hook does
+            log.error("drift hooks could not run", extra={"secret": name, "error": str(exc)})
 
     def _with_hooks(self, name: str, when: datetime, now: datetime) -> datetime:
         """Run the hook runs that are due (those of finished rotations too) and return the
@@ -147,8 +169,16 @@ class Engine:
 
         An emergency needs a non-empty ``reason`` (UsageError before anything changes); it opens
         a blast-radius report, recorded in the audit log now, at each phase and at the end.
+
+        A secret with drift is refused unless ``emergency``.  An emergency rotation first
+        accepts the backend's current document as the baseline (clearing the drift) and rotates
+        from it, so keys someone added out of band stay in the ring as decrypt-only keys and
+        stored data under them stays readable until the census says otherwise.  If that
+        document is unreadable (fails the schema, foreign, deleted or destroyed) it refuses:
+        the journal holds no key material to rebuild a ring from, and a fresh ring would drop
+        keys stored data may need; the operator restores a valid version first.
         """
-        self.setting(name)
+        secret = self.setting(name)
         if emergency and not (reason or "").strip():
             raise UsageError(
                 f"an emergency rotation of {name!r} needs a reason (--reason TEXT): it is recorded in the audit log"
@@ -157,6 +187,11 @@ class Engine:
         # secret that is running (its lock), other secrets' re-encryption already pauses.
         urgent = self.reencryptor.priority.urgent(name) if emergency else nullcontext()
         with urgent, self._lock(name):
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+            if record is not None:
+                if not emergency:
+                    raise self.drift.error(record)
+                self.drift.accept(secret, self.backends[secret.backend], trigger, "emergency", now, note=reason)
             active = self.journal.active(name)
             if active is not None:
                 if not emergency:
@@ -195,6 +230,9 @@ class Engine:
                 raise RollbackImpossible(
                     f"rotation {rot.version} of {name!r} created the secret; there is no previous key"
                 )
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+            if record is not None:
+                raise self.drift.error(record)
             # Find out whether there is anything to put back BEFORE recording the intent: every
             # later tick finishes a recorded rollback, so an impossible one must never be recorded.
             current = self.backends[secret.backend].read(secret.path)
@@ -231,6 +269,9 @@ class Engine:
             latest = self.journal.latest(name)
             if latest is None:
                 raise UsageError(f"{name!r} was never created; nothing to re-encrypt")
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+            if record is not None:  # never move data under a key someone else put in the ring
+                raise self.drift.error(record)
             current = self.backends[secret.backend].read(secret.path)
             ring = self._require_ring(secret, current.document if current else None)
             step = f"manual-{int(now.timestamp() * 1000)}"
@@ -253,6 +294,41 @@ class Engine:
         if previous is not None and (previous.valid_until is None or previous.valid_until > utcnow()):
             values.append(previous.value.reveal())
         return values
+
+    def check_drift(self, name: str, now: datetime) -> DriftRecord | None:
+        """The periodic check: compare ``name``'s backend with its baseline now (see engine.drift).
+        Returns its open drift, or None.  Raises what the backend raises.
+
+        A secret whose lock is held (a step running, perhaps a long re-encryption) is not
+        waited for: that step checked before it acted, and its next one checks again.
+        """
+        secret = self.setting(name)
+        lock = self._locks[name]
+        if not lock.acquire(blocking=False):
+            return self.drift.ledger.open_drift(name)
+        try:
+            return self.drift.check(secret, self.backends[secret.backend], now)
+        finally:
+            lock.release()
+
+    def adopt(self, name: str, *, actor: str, reason: str | None, now: datetime) -> dict[str, Any]:
+        """``rotatord adopt``: accept the backend's current document as ``name``'s baseline and
+        clear its drift, after validating it (schema, name and kind).  An invalid document
+        raises DocumentInvalid / NotManaged and nothing changes.  A rotation paused by the
+        drift resumes at its next tick."""
+        secret = self.setting(name)
+        with self._lock(name):
+            if self.journal.latest(name) is None:
+                raise UsageError(f"{name!r} was never rotated by rotatord; there is nothing to adopt")
+            record = self.drift.ledger.open_drift(name)
+            seen = self.drift.accept(secret, self.backends[secret.backend], actor, "adopt", now, note=reason)
+        self._changed(name)
+        return {
+            "name": name,
+            "backend_version": seen.version,
+            "drift_cleared": record is not None,
+            "reason": record.reason if record else None,
+        }
 
     def resume(self, now: datetime) -> list[RotationRow]:
         """Every rotation left active by an earlier process (crash, restart, failover)."""
@@ -288,6 +364,9 @@ class Engine:
                 return rot.next_attempt_at
             pending_rollback = self.journal.step(rot.id, "rollback")
             if pending_rollback is not None:  # an interrupted rollback is finished, not undone
+                held = self._held(secret, rot, "rollback", now)
+                if held is not None:
+                    return held
                 try:
                     rot = self._finish_rollback(secret, rot, pending_rollback.request_id, "resume", None, now)
                 except RotatordError as exc:
@@ -307,6 +386,9 @@ class Engine:
                 ready = self.gate.promote_at(secret, rot, now)
             if ready is not None and ready > now:
                 return ready
+            held = self._held(secret, rot, step, now)
+            if held is not None:
+                return held
             try:
                 rot = self._run_step(secret, rot, step, now)
             except StepInterrupted:
@@ -318,6 +400,20 @@ class Engine:
                 return self._failed(rot, step, exc, now)
         self._changed(rot.secret)
         return self.next_due(rot.secret, now)
+
+    def _held(self, secret: SecretSettings, rot: RotationRow, step: str, now: datetime) -> datetime | None:
+        """Before ``step`` acts: when to look again if the secret drifted (the step holds: it
+        never acts on a secret someone else changed), or None to go on.  A failed check counts
+        as a failure of the step."""
+        try:
+            record = self.drift.check(secret, self.backends[secret.backend], now)
+        except RotatordError as exc:
+            return self._failed(rot, step, exc, now)
+        if record is None:
+            return None
+        self.drift.paused(record)
+        self._changed(rot.secret)
+        return now + self.drift_hold
 
     @staticmethod
     def _ready_at(rot: RotationRow, step: str) -> datetime | None:
@@ -388,7 +484,7 @@ class Engine:
             before["primary"] = ring.primary if ring else None
             return t.stage_ring(ring, secret.name, rot.version, generator.generate, now)
 
-        version, doc = self._cas(secret, mutate, request_id)
+        version, doc = self._cas(secret, mutate, request_id, now)
         assert isinstance(doc, FernetRing)
         kid = key_id_for(rot.version)
         previous = before["primary"] if before["primary"] != kid else None
@@ -404,7 +500,7 @@ class Engine:
             ring = self._require_ring(secret, doc)
             return t.promote_ring(ring, rot.version, now, retire_after)
 
-        version, doc = self._cas(secret, mutate, request_id)
+        version, doc = self._cas(secret, mutate, request_id, now)
         assert isinstance(doc, FernetRing)
         old = doc.key(rot.previous_key) if rot.previous_key else None
         if old is not None and old.retire_after is not None:
@@ -446,7 +542,7 @@ class Engine:
         def mutate(doc: Document | None) -> Document | None:
             return t.retire_ring(self._require_ring(secret, doc), candidates, now)
 
-        version, _doc = self._cas(secret, mutate, request_id)
+        version, _doc = self._cas(secret, mutate, request_id, now)
         removed = ",".join(sorted(candidates))
         return StepOutcome({"backend_version": version, "removed": removed}, {"backend_version": version},
                            {"removed": removed})  # fmt: skip
@@ -466,7 +562,7 @@ class Engine:
                 generate=generator.generate, now=now, valid_until=valid_until, ttl=secret.token_ttl,
             )  # fmt: skip
 
-        version, doc = self._cas(secret, mutate, request_id)
+        version, doc = self._cas(secret, mutate, request_id, now)
         assert isinstance(doc, CredentialSet)
         kid = key_id_for(rot.version)
         previous = before["current"] if before["current"] != kid else (doc.previous.id if doc.previous else None)
@@ -481,7 +577,7 @@ class Engine:
                 raise NotManaged(f"{secret.path}: the credential document disappeared")
             return t.revoke_credential(cs, now)
 
-        version, _doc = self._cas(secret, mutate, request_id)
+        version, _doc = self._cas(secret, mutate, request_id, now)
         revoked = rot.previous_key or ""
         return StepOutcome({"backend_version": version, "revoked": revoked}, {"backend_version": version},
                            {"revoked": revoked})  # fmt: skip
@@ -527,7 +623,7 @@ class Engine:
         def mutate(doc: Document | None) -> Document | None:
             return self._rolled_back(secret, rot, doc, now)
 
-        version, _doc = self._cas(secret, mutate, request_id)
+        version, _doc = self._cas(secret, mutate, request_id, now)
         self._audit("rotation.rolled_back", rot, actor=trigger, reason=reason, backend_version=version)
         outcome = StepOutcome({"backend_version": version}, {}, {"reason": reason or ""})
         events = self._events(secret, rot, "rotation.rolled_back", rot.phase, outcome, now)
@@ -550,18 +646,31 @@ class Engine:
     # -- helpers ---------------------------------------------------------------------------
 
     def _cas(
-        self, secret: SecretSettings, mutate: Callable[[Document | None], Document | None], request_id: str
+        self,
+        secret: SecretSettings,
+        mutate: Callable[[Document | None], Document | None],
+        request_id: str,
+        now: datetime,
     ) -> tuple[str, Document]:
-        """Read, transform, write with check-and-set; on a conflict re-read and re-validate."""
+        """Read, transform, write with check-and-set; on a conflict re-read and re-validate.
+
+        Each read must find the version rotatord last wrote (or its own pending write): a
+        version someone else wrote raises DriftDetected instead of being written over.  The
+        digest of the new document is journaled before the write and the observed version
+        after it, so drift detection knows rotatord's own writes, even across a crash.
+        """
         backend = self.backends[secret.backend]
         for _attempt in range(CAS_ATTEMPTS):
             current = backend.read(secret.path)
             if current is not None:
                 self._check_owner(secret, current.document)
+            self.drift.confirm(secret, backend, current.version if current else None, now)
             new = mutate(current.document if current else None)
             if new is None:
                 assert current is not None
                 return current.version, current.document
+            new_digest = digest(new)
+            self.drift.before_write(secret, request_id, new_digest, now)
             try:
                 version = backend.write(
                     secret.path, new, expected=current.version if current else None, request_id=request_id
@@ -569,6 +678,7 @@ class Engine:
             except ConflictError:
                 log.info("concurrent change; re-reading", extra={"secret": secret.name, "path": secret.path})
                 continue
+            self.drift.after_write(secret, backend, version, new_digest, now)
             return version, new
         raise ConflictError(f"{secret.path}: changed concurrently {CAS_ATTEMPTS} times in a row; will retry")
 

@@ -14,6 +14,7 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Connection, RowMapping
 
 from ..interfaces import ReencryptReport
+from .drift_store import drift
 from .journal import Journal, RotationRow, _rotation, outbox, rotations
 from .ledger import _report, census_counts, checkpoints, quarantine
 
@@ -66,6 +67,8 @@ class StateSnapshot:
     #: consumer -> pending rows that have failed at least once (being retried).
     retrying: dict[str, int]
     endpoints: dict[str, EndpointHealth] = field(default_factory=dict)
+    #: (secret, reason) -> open drift records (rotations paused until adopt / emergency).
+    drift: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def take_snapshot(journal: Journal, *, endpoints: bool) -> StateSnapshot:
@@ -111,6 +114,11 @@ def take_snapshot(journal: Journal, *, endpoints: bool) -> StateSnapshot:
             .group_by(outbox.c.consumer, outbox.c.status)
         ).all()
         endpoint_rows = _endpoint_rows(conn) if endpoints else []
+        drift_rows = conn.execute(
+            select(drift.c.secret, drift.c.reason, func.count())
+            .where(drift.c.resolved_at.is_(None))
+            .group_by(drift.c.secret, drift.c.reason)
+        ).all()
     return StateSnapshot(
         latest={r.secret: r for r in latest},
         rotations={(secret, status): int(n) for secret, status, n in counts},
@@ -123,6 +131,7 @@ def take_snapshot(journal: Journal, *, endpoints: bool) -> StateSnapshot:
         deliveries={(consumer, status): int(n) for consumer, status, n, _ in delivery_rows},
         retrying={consumer: int(n or 0) for consumer, status, _, n in delivery_rows if status == "pending" and n},
         endpoints={e.consumer: e for e in endpoint_rows},
+        drift={(secret, reason): int(n) for secret, reason, n in drift_rows},
     )
 
 

@@ -238,7 +238,7 @@ def test_init_refuses_a_broken_file_and_creates_nothing(tmp_path: Path) -> None:
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("command", ["status", "rotate", "rollback", "history"])
+@pytest.mark.parametrize("command", ["status", "rotate", "rollback", "history", "adopt"])
 def test_unknown_secret(ready: Path, command: str) -> None:
     before = snapshot(ready.parent)
     result = run(ready.parent, command, "nope", "-c", "config.toml")
