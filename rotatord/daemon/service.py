@@ -44,6 +44,7 @@ SWEEP_INTERVAL = 10.0
 CLOCK_JUMP_SECONDS = 2.0
 #: The scheduler key of the periodic drift check (":" cannot start a secret name).
 DRIFT_JOB = ":drift-check"
+DRIFT_FIRST_DELAY = timedelta(seconds=30)
 
 
 class Daemon:
@@ -109,7 +110,9 @@ class Daemon:
             )
             self.scheduler.start()
             self._arm_all(startup=True)
-            self._arm_drift(self.clock.now())
+            # The first sweep waits a little: reading every secret competes with the start-up
+            # (each step checks its own secret for drift before acting anyway).
+            self._arm_drift(self.clock.now() + min(self.settings.daemon.drift_check_interval, DRIFT_FIRST_DELAY))
             for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set)):
                 self._loop.add_signal_handler(sig, handler)
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))

@@ -146,7 +146,7 @@ def test_a_tampered_version_file_is_drift_and_adopt_refuses_it_changing_nothing(
     with pytest.raises(DocumentInvalid, match="nothing was changed"):
         rt.engine.adopt(FERNET, actor="cli", reason=None, now=T0 + 2 * SECOND)
     with pytest.raises(DocumentInvalid):  # an emergency cannot rebuild a ring it cannot read
-        rt.engine.rotate(FERNET, trigger="cli", emergency=True, reason=None, now=T0 + 2 * SECOND)
+        rt.engine.rotate(FERNET, trigger="cli", emergency=True, reason="drill", now=T0 + 2 * SECOND)
     assert [d.id for d in rt.journal.drift_all()] == [record.id]
     assert DriftLedger(rt.journal).baseline(FERNET) == baseline
     assert rt.journal.latest(FERNET).version == 1  # type: ignore[union-attr]

@@ -39,7 +39,7 @@ def move_current_back(setup: Setup, secret: str) -> tuple[str, str]:
 def test_a_staging_label_moved_by_hand_pauses_rotations_until_adopted(setup: Setup) -> None:
     rt = setup.build()
     assert rt.engine.tick(FERNET, T0) == T0 + EVERY
-    rt.engine.rotate(FERNET, trigger="cli", emergency=True, reason=None, now=T0 + SECOND)  # a second version
+    rt.engine.rotate(FERNET, trigger="cli", emergency=True, reason="drill", now=T0 + SECOND)  # a second version
     due = T0 + SECOND + EVERY
     ours, previous = move_current_back(setup, FERNET)
     assert rt.engine.tick(FERNET, due) == due + HOLD
@@ -75,7 +75,7 @@ def test_a_removed_tag_is_drift_and_adopt_puts_it_back(setup: Setup) -> None:
 def test_emergency_rotation_clears_a_moved_label(setup: Setup) -> None:
     rt = setup.build()
     rt.engine.tick(TOKEN, T0)
-    rt.engine.rotate(TOKEN, trigger="cli", emergency=True, reason=None, now=T0 + SECOND)
+    rt.engine.rotate(TOKEN, trigger="cli", emergency=True, reason="drill", now=T0 + SECOND)
     _ours, previous = move_current_back(setup, TOKEN)
     assert rt.engine.check_drift(TOKEN, T0 + 2 * SECOND) is not None
     row = rt.engine.rotate(TOKEN, trigger="cli", emergency=True, reason="leak", now=T0 + 3 * SECOND)

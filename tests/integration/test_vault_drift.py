@@ -96,7 +96,7 @@ def test_a_kv_version_written_by_hand_pauses_rotation_until_adopted(setup: Setup
 def test_a_destroyed_version_is_drift_and_adopt_accepts_it(setup: Setup) -> None:
     engine = setup.runtime.engine
     engine.tick(FERNET, T0)
-    engine.rotate(FERNET, trigger="cli", emergency=True, reason=None, now=T0 + SECOND)
+    engine.rotate(FERNET, trigger="cli", emergency=True, reason="drill", now=T0 + SECOND)
     assert len(setup.versions()) >= 2
     first = setup.versions()[0]
     setup.kv.destroy_secret_versions(FULL, [first], mount_point=setup.mount)
