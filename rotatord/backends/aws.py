@@ -639,6 +639,10 @@ class AwsBackend(Backend):
         ]
         return sorted(out, key=lambda info: info.created_at or _EPOCH)  # stable: ties keep the listing order
 
+    def read_version(self, path: str, version: str) -> Versioned | None:
+        name = self._secret(path)
+        return self._kv.retrying(lambda: self._kv.read_version(name, version), f"read {name} version {version}")
+
     def check(self) -> None:
         probe = self._secret("rotatord-check")
 

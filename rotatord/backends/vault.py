@@ -599,6 +599,11 @@ class VaultBackend(Backend):
     def history(self, path: str) -> list[VersionInfo]:
         return self._kv.history(self._full(path))
 
+    def read_version(self, path: str, version: str) -> Versioned | None:
+        if not version.isdigit() or int(version) < 1:
+            return None
+        return self._kv.read(self._full(path), int(version))
+
     def check(self) -> None:
         self._kv.check()
 
