@@ -116,6 +116,13 @@ def status(args: argparse.Namespace) -> int:
     for r in rows:
         if r.get("error"):
             out(f"{r['name']}: failing: {r['error']} (attempt {r['attempts']})")
+        used = r.get("revoked_use") or {}
+        if used.get("count"):
+            out(
+                f"{r['name']}: a revoked credential was presented {used['count']} time(s) "
+                f"({used['fingerprints']} fingerprint(s)), last {relative(used['last_at'], now)} "
+                f"from {used['last_source'] or 'an unnamed source'}: a forgotten consumer or a thief"
+            )
     if webhooks is not None:
         failing = [e["consumer"] for e in webhooks["endpoints"] if e["failing"] or e["disabled"]]
         line = f"webhooks: {webhooks['pending']} pending, {len(webhooks['dead'])} dead-lettered"

@@ -27,6 +27,7 @@ from ..timeutil import Clock, SystemClock, format_ts, parse_ts
 from .control import ControlServer
 from .lock import StateLock
 from .protocol import Request
+from .reports import RevokedUseRecorder, install
 from .runtime import Runtime, build_runtime
 from .systemd import Notifier, listen_fds, watchdog_period
 
@@ -73,6 +74,7 @@ class Daemon:
         try:
             self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=lambda: self._stopping)
             self.runtime.engine.on_change = self._changed_threadsafe
+            install(self._revoked_use_recorder)
             self.notifier.status("resuming unfinished rotations")
             resumed = await self._loop.run_in_executor(None, self._resume)
             fds = listen_fds()
@@ -102,6 +104,7 @@ class Daemon:
             await self._stop_notifier()
             await self.control.close()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
+            install(None)
             self.runtime.close()
             log.info("stopped cleanly")
             return 0
@@ -265,6 +268,10 @@ class Daemon:
             return {"reloaded": True}
         if request.op in ("webhooks.list", "webhooks.replay"):
             return await self._loop.run_in_executor(None, self._webhooks, request)
+        if request.op == "report.revoked_use":
+            recorder = self._revoked_use_recorder()
+            assert recorder is not None  # the control socket serves only while the runtime exists
+            return await recorder.submit(request.report, actor)
         return await self._loop.run_in_executor(None, self._handle_blocking, request, actor)
 
     def _handle_blocking(self, request: Request, actor: str) -> Any:
@@ -315,6 +322,18 @@ class Daemon:
         count = notifier.replay(request.webhook_id, consumer=request.consumer, since=since)
         self._changed_threadsafe("")
         return {"replayed": count}
+
+    def _revoked_use_recorder(self) -> RevokedUseRecorder | None:
+        """A recorder over the current runtime (so a reload applies at once); None when stopping."""
+        if self._runtime is None or self._stopping:
+            return None
+        from ..engine.revoked_use import RevokedUseStore
+
+        runtime = self.runtime
+        return RevokedUseRecorder(
+            RevokedUseStore(runtime.journal), runtime.audit, runtime.engine.secrets,
+            runtime.settings.notify.security_consumers, self.clock, lambda: self._changed_threadsafe(""),
+        )  # fmt: skip
 
     def _status_of(self, name: str, now: datetime) -> dict[str, Any]:
         status = secret_status(self.runtime.engine, name, now)

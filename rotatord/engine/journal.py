@@ -209,7 +209,7 @@ class Journal:
                 os.close(os.open(database, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
             except OSError as exc:
                 raise StateError(f"cannot create the state database {database}: {exc.strerror}") from None
-        from . import ledger  # noqa: F401 - registers its tables on the shared metadata
+        from . import ledger, revoked_use  # noqa: F401 - they register their tables on the shared metadata
 
         try:
             metadata.create_all(self._engine)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..timeutil import format_ts
 from .journal import RotationRow
+from .revoked_use import RevokedUseStore
 from .runner import Engine
 from .states import next_step
 
@@ -37,6 +38,8 @@ def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
         "error": None,
         "attempts": 0,
         "emergency": bool(latest.emergency) if latest else False,
+        # Bots' reports of revoked credentials still presented (rotatord.daemon.reports).
+        "revoked_use": RevokedUseStore(engine.journal).summary(name),
     }
     if latest is None:
         return out
