@@ -30,7 +30,7 @@ from ..audit import AuditLog
 from ..config.model import SecretSettings
 from ..crypto.tokens import FINGERPRINT_RE
 from ..engine.revoked_use import EVENT_TYPE, RevokedUseStore, Sighting
-from ..errors import UnknownSecret, UsageError
+from ..errors import RotatordError, UnknownSecret, UsageError
 from ..logs import redact_text
 from ..timeutil import Clock, parse_ts
 from .protocol import NAME_RE, TS_RE
@@ -144,7 +144,12 @@ class RevokedUseRecorder:
         self._on_queued = on_queued
 
     def record(self, report: RevokedUseReport, actor: str) -> dict[str, Any]:
-        """Count, audit and (rate-limited) raise one validated report; the reply's body."""
+        """Count, audit and (rate-limited) raise one validated report; the reply's body.
+
+        The count and the event are committed first, then the audit record is appended (the audit
+        head lives in the same database, so it cannot be written inside that transaction).  Raises
+        StateError or AuditError; after an AuditError the report stays counted.
+        """
         now = self._clock.now()
         secret = self._secrets[report.secret]
         sighting = Sighting(
@@ -194,7 +199,12 @@ class RevokedUseRecorder:
             report = parse_report(data, self._secrets)
         except ReportRejected as exc:
             return _reply(exc.status, {"error": str(exc)})
-        result = await asyncio.get_running_loop().run_in_executor(None, self.record, report, f"http:{peer}")
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, self.record, report, f"http:{peer}")
+        except RotatordError as exc:
+            # The state database or the audit log failed: the bot may retry; the operator reads the log.
+            log.error("revoked-use report not recorded", extra={"secret": report.secret, "error": str(exc)})
+            return _reply(503, {"error": "the report could not be recorded; see the daemon's log"})
         return _reply(202, result)
 
 
@@ -216,7 +226,8 @@ async def handle_revoked_use(body: bytes, peer: str) -> tuple[int, bytes, str]:
     """``POST /v1/revoked-use``: validate, count, audit and raise one report.
 
     Returns (status, body, content type): 202 with the counts; 400 / 404 / 413 naming what is
-    wrong (nothing is counted then); 503 while the daemon is starting or stopping.
+    wrong (nothing is counted then); 503 while the daemon is starting or stopping, or when the
+    state database or audit log fails.
     """
     recorder = _provider[0]() if _provider else None
     if recorder is None:

@@ -8,6 +8,7 @@ body, counts per secret and fingerprint, the audit record with the bot's source,
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from rotatord.engine.report import secret_status
 from rotatord.engine.revoked_use import NOTIFY_EVERY, RevokedUseStore
 from rotatord.errors import UnknownSecret, UsageError
 from tests.engine.conftest import HarnessFactory, token_secret
-from tests.helpers import assert_no_material
+from tests.helpers import assert_no_material, unwritable
 
 T0 = datetime(2025, 1, 6, 3, 0, tzinfo=UTC)
 
@@ -195,3 +196,16 @@ def test_no_recorder_installed_answers_503(tmp_path: Path) -> None:
     install(None)
     status, body, _ctype = asyncio.run(handle_revoked_use(b"{}", "peer"))
     assert status == 503 and b"not ready" in body
+
+
+def test_an_audit_failure_answers_503_and_says_nothing_more(env: Env, log_stream: io.StringIO) -> None:
+    env.audit_path.touch(mode=0o600)
+    report = {"secret": "bot-api", "fingerprint": "0123456789ab", "state": "revoked"}
+    with unwritable(env.audit_path):
+        status, body = env.post(report)
+    assert status == 503 and body == {"error": "the report could not be recorded; see the daemon's log"}
+    assert "revoked-use report not recorded" in log_stream.getvalue()
+    # The count was committed before the audit append failed; the next report is audited.
+    status, body = env.post(report)
+    assert (status, body["count"]) == (202, 2)
+    assert env.audit.verify().ok
