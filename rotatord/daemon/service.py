@@ -324,8 +324,9 @@ class Daemon:
         return {"replayed": count}
 
     def _revoked_use_recorder(self) -> RevokedUseRecorder | None:
-        """A recorder over the current runtime (so a reload applies at once); None when stopping."""
-        if self._runtime is None or self._stopping:
+        """A recorder over the current runtime (so a reload applies at once); None before it exists.
+        Reports are still taken while stopping: the runtime stays open until every server closed."""
+        if self._runtime is None:
             return None
         from ..engine.revoked_use import RevokedUseStore
 
