@@ -19,6 +19,7 @@ once per fingerprint per ten minutes (:data:`rotatord.engine.revoked_use.NOTIFY_
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -28,7 +29,8 @@ from typing import Any
 
 from ..audit import AuditLog
 from ..config.model import SecretSettings
-from ..crypto.tokens import FINGERPRINT_RE
+from ..crypto.tokens import FINGERPRINT_RE, fingerprint
+from ..document import Document, FernetRing
 from ..engine.revoked_use import EVENT_TYPE, RevokedUseStore, Sighting
 from ..errors import RotatordError, UnknownSecret, UsageError
 from ..logs import redact_text
@@ -40,6 +42,7 @@ __all__ = [
     "ReportRejected",
     "RevokedUseRecorder",
     "RevokedUseReport",
+    "credential_of",
     "handle_revoked_use",
     "install",
     "parse_report",
@@ -119,11 +122,36 @@ def parse_report(data: object, secrets: Mapping[str, SecretSettings]) -> Revoked
     return RevokedUseReport(secret, fp, state, source or None, credential, at)
 
 
+def credential_of(doc: Document, fp: str) -> tuple[str, str] | None:
+    """(credential or key id, what the document says of it) for fingerprint ``fp``, or None.
+
+    What it says: ``current`` / ``previous`` / ``revoked`` for credentials (the document keeps
+    the SHA-256 of the last revoked ones), ``primary`` / ``decrypt_only`` for Fernet keys.
+    """
+    found: tuple[str, str] | None = None
+    if isinstance(doc, FernetRing):
+        for key in doc.keys:
+            if hmac.compare_digest(fingerprint(key.material.reveal()), fp):
+                found = (key.id, key.state)
+        return found
+    listed = [(doc.current.sha256, doc.current.id, "current")]
+    if doc.previous is not None:
+        listed.append((doc.previous.sha256, doc.previous.id, "previous"))
+    listed += [(gone.sha256, gone.id, "revoked") for gone in doc.revoked]
+    for sha, credential, where in listed:
+        if hmac.compare_digest(sha[: len(fp)].lower().encode(), fp.encode()):
+            found = (credential, where)
+    return found
+
+
 class RevokedUseRecorder:
     """Counts, audits and raises revoked-use reports against one runtime's journal and audit log.
 
     ``on_queued`` is called (from a worker thread) after an event was queued, so the daemon can
-    wake its webhook worker.  Cheap to build: the daemon makes one per request from the current
+    wake its webhook worker.  ``read_document(name)`` (optional) reads the secret's current
+    document so each report says what the daemon knows of the fingerprint (``known_as``: e.g.
+    ``revoked``, or None when no credential the document keeps has it); a failing read only
+    leaves that unknown.  Cheap to build: the daemon makes one per request from the current
     runtime, so a reload's new settings apply at once.
     """
 
@@ -135,7 +163,9 @@ class RevokedUseRecorder:
         security_consumers: Sequence[str],
         clock: Clock,
         on_queued: Callable[[], None] | None = None,
+        read_document: Callable[[str], Document | None] | None = None,
     ) -> None:
+        self._read_document = read_document
         self._store = store
         self._audit = audit
         self._secrets = secrets
@@ -152,15 +182,18 @@ class RevokedUseRecorder:
         """
         now = self._clock.now()
         secret = self._secrets[report.secret]
+        known = self._known(report)
+        credential = report.credential or (known[0] if known else None)
         sighting = Sighting(
-            report.secret, report.fingerprint, report.state, report.source, report.credential,
+            report.secret, report.fingerprint, report.state, report.source, credential,
             parse_ts(report.at) if report.at else None, secret.backend, secret.path,
+            known[1] if known else None,
         )  # fmt: skip
         counted = self._store.record(sighting, self._consumers, now)
         self._audit.append(
             EVENT_TYPE, actor=actor, secret=report.secret, fingerprint=report.fingerprint, state=report.state,
-            credential=report.credential, source=report.source, reported_at=report.at, count=counted.count,
-            notified=counted.notified,
+            credential=credential, known_as=sighting.known_as, source=report.source, reported_at=report.at,
+            count=counted.count, notified=counted.notified,
         )  # fmt: skip
         log.warning(
             "a revoked credential was presented to a bot: a forgotten consumer or a thief",
@@ -172,10 +205,22 @@ class RevokedUseRecorder:
         return {
             "secret": report.secret,
             "fingerprint": report.fingerprint,
+            "credential": credential,
+            "known_as": sighting.known_as,
             "count": counted.count,
             "secret_total": counted.secret_total,
             "notified": counted.notified,
         }
+
+    def _known(self, report: RevokedUseReport) -> tuple[str, str] | None:
+        if self._read_document is None:
+            return None
+        try:
+            doc = self._read_document(report.secret)
+        except RotatordError as exc:
+            log.warning("cannot read the secret to place a report", extra={"secret": report.secret, "error": str(exc)})
+            return None
+        return None if doc is None else credential_of(doc, report.fingerprint)
 
     async def submit(self, data: object, actor: str) -> dict[str, Any]:
         """The control-socket op: raise UnknownSecret / UsageError instead of an HTTP status."""

@@ -328,12 +328,21 @@ class Daemon:
         Reports are still taken while stopping: the runtime stays open until every server closed."""
         if self._runtime is None:
             return None
+        from ..document import Document
         from ..engine.revoked_use import RevokedUseStore
 
         runtime = self.runtime
+        engine = runtime.engine
+
+        def read_document(name: str) -> Document | None:
+            secret = engine.setting(name)
+            current = engine.backends[secret.backend].read(secret.path)
+            return None if current is None else current.document
+
         return RevokedUseRecorder(
-            RevokedUseStore(runtime.journal), runtime.audit, runtime.engine.secrets,
+            RevokedUseStore(runtime.journal), runtime.audit, engine.secrets,
             runtime.settings.notify.security_consumers, self.clock, lambda: self._changed_threadsafe(""),
+            read_document,
         )  # fmt: skip
 
     def _status_of(self, name: str, now: datetime) -> dict[str, Any]:

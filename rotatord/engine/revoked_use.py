@@ -56,6 +56,9 @@ class Sighting:
     #: Where the secret lives, for the event (a bot re-reads it from there).
     backend: str
     path: str
+    #: What the secret's current document says of the fingerprint (``revoked``, ``current``...),
+    #: None when it keeps no credential with it (or was not read).
+    known_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ def _queue(conn: Connection, consumer: str, s: Sighting, count: int, now: dateti
             "fingerprint": s.fingerprint,
             "credential": s.credential,
             "state": s.state,
+            "known_as": s.known_as,
             "source": s.source,
             "count": count,
             "reported_at": format_ts(s.reported_at),

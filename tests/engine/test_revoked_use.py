@@ -21,10 +21,12 @@ import pytest
 from rotatord.audit import AuditLog
 from rotatord.crypto.tokens import fingerprint, make_token
 from rotatord.daemon.reports import RevokedUseRecorder, handle_revoked_use, install
+from rotatord.document import Credential, CredentialSet, Revoked, sha256_hex
 from rotatord.engine.journal import Journal
 from rotatord.engine.report import secret_status
 from rotatord.engine.revoked_use import NOTIFY_EVERY, RevokedUseStore
-from rotatord.errors import UnknownSecret, UsageError
+from rotatord.errors import BackendUnavailable, UnknownSecret, UsageError
+from rotatord.sensitive import Sensitive
 from tests.engine.conftest import HarnessFactory, token_secret
 from tests.helpers import assert_no_material, unwritable
 
@@ -89,8 +91,8 @@ def test_reports_are_counted_audited_and_raised_once_per_window(env: Env) -> Non
               "source": "10.0.0.5 (billing-bot)", "at": "2025-01-06T02:59:59Z"}  # fmt: skip
     status, body = env.post(report)
     assert status == 202
-    assert body == {"secret": "bot-api", "fingerprint": fingerprint(token), "count": 1, "secret_total": 1,
-                    "notified": ["secops"]}  # fmt: skip
+    assert body == {"secret": "bot-api", "fingerprint": fingerprint(token), "credential": "v1", "known_as": None,
+                    "count": 1, "secret_total": 1, "notified": ["secops"]}  # fmt: skip
     env.clock.at += timedelta(minutes=1)
     status, body = env.post(report)
     assert (status, body["count"], body["notified"]) == (202, 2, [])  # inside the window: counted, not raised
@@ -105,7 +107,7 @@ def test_reports_are_counted_audited_and_raised_once_per_window(env: Env) -> Non
     assert [(c, e) for c, e, _ in events] == [("secops", "credential.revoked_use")] * 3
     data = events[0][2]["data"]
     assert data == {"secret": "bot-api", "backend": "local", "path": "bots/bot/api-token",
-                    "fingerprint": fingerprint(token), "credential": "v1", "state": "revoked",
+                    "fingerprint": fingerprint(token), "credential": "v1", "state": "revoked", "known_as": None,
                     "source": "10.0.0.5 (billing-bot)", "count": 1,
                     "reported_at": "2025-01-06T02:59:59.000Z"}  # fmt: skip
     assert env.woken == 3
@@ -209,3 +211,35 @@ def test_an_audit_failure_answers_503_and_says_nothing_more(env: Env, log_stream
     status, body = env.post(report)
     assert (status, body["count"]) == (202, 2)
     assert env.audit.verify().ok
+
+
+def test_the_daemon_places_the_fingerprint_in_the_current_document(env: Env, tmp_path: Path) -> None:
+    tokens = {n: make_token("bot").reveal() for n in (1, 2, 3)}
+    doc = CredentialSet(
+        "bot-api", "api_token", 3, _cred(3, tokens[3]), T0, previous=_cred(2, tokens[2]),
+        revoked=(Revoked("v1", sha256_hex(tokens[1]), T0),),
+    )  # fmt: skip
+    reads: list[str] = []
+
+    def read_document(name: str) -> CredentialSet:
+        reads.append(name)
+        if len(reads) == 3:
+            raise BackendUnavailable("backend 'local': down for a moment")
+        return doc
+
+    recorder = RevokedUseRecorder(
+        RevokedUseStore(env.journal), env.audit, env.secrets, [], env.clock, None, read_document
+    )
+    install(lambda: recorder)
+    first = env.post({"secret": "bot-api", "fingerprint": fingerprint(tokens[1]), "state": "revoked"})[1]
+    assert (first["credential"], first["known_as"]) == ("v1", "revoked")  # the bot did not say which
+    odd = env.post({"secret": "bot-api", "fingerprint": fingerprint(tokens[3]), "state": "revoked"})[1]
+    assert (odd["credential"], odd["known_as"]) == ("v3", "current")  # worth a look: the current one
+    down = env.post({"secret": "bot-api", "fingerprint": fingerprint(tokens[1]), "state": "revoked"})[1]
+    assert (down["credential"], down["known_as"], down["count"]) == (None, None, 2)  # counted all the same
+    assert [r["known_as"] for r in env.audit_records()] == ["revoked", "current", None]
+    assert_no_material(tokens.values(), files=[env.audit_path, env.db])
+
+
+def _cred(n: int, token: str) -> Credential:
+    return Credential(f"v{n}", Sensitive(token), sha256_hex(token), T0)

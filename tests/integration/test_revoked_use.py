@@ -119,7 +119,10 @@ def test_a_retired_token_presented_to_a_bot_is_counted_audited_and_raised(
         assert [(r.secret, r.credential, r.fingerprint) for r in reports] == [expected] * 2
 
         replies = [call_daemon(socket_path, {"op": "report.revoked_use", "report": r.to_json()}) for r in reports]
-        assert [(r["count"], r["notified"]) for r in replies] == [(1, ["secops"]), (2, [])]
+        assert [(r["count"], r["notified"], r["known_as"]) for r in replies] == [
+            (1, ["secops"], "revoked"),
+            (2, [], "revoked"),
+        ]
         assert _events(config) == [("secops", "credential.revoked_use", None)]  # one alert per window
 
         # Bad reports are refused by name and change nothing.
@@ -137,6 +140,7 @@ def test_a_retired_token_presented_to_a_bot_is_counted_audited_and_raised(
         assert alert["type"] == "credential.revoked_use"
         assert alert["data"]["secret"] == "demo-bot-api" and alert["data"]["fingerprint"] == fingerprint(old)
         assert alert["data"]["source"] == "10.9.8.7 (old-billing)" and alert["data"]["credential"] == "v1"
+        assert alert["data"]["known_as"] == "revoked"
 
         st = json.loads((as_json := cli(config, "status", "demo-bot-api", "--json")).stdout)
         used = st["secrets"][0]["revoked_use"]
