@@ -125,6 +125,14 @@ class Backend(ABC):
         """Put rotatord's management marks back on ``path`` (after an operator adopted it),
         without touching the document.  Raises like :meth:`write`."""
 
+    def read_version(self, path: str, version: str) -> Versioned | None:
+        """An older version of ``path`` by its identifier (as :meth:`history` lists it), or
+        ``None`` when the backend no longer keeps it (pruned, deleted) or keeps no old versions.
+
+        Read-only; used by ``rotatord scan`` to recognise retired keys.  Raises like :meth:`read`.
+        """
+        return None
+
     def check(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Verify at start-up that the backend is reachable and usable.  Raises like :meth:`read`."""
 

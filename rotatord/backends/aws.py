@@ -654,6 +654,10 @@ class AwsBackend(Backend):
 
         self._kv.retrying(run, f"tag {name}")
 
+    def read_version(self, path: str, version: str) -> Versioned | None:
+        name = self._secret(path)
+        return self._kv.retrying(lambda: self._kv.read_version(name, version), f"read {name} version {version}")
+
     def check(self) -> None:
         probe = self._secret("rotatord-check")
 

@@ -268,6 +268,24 @@ class FileBackend(Backend):
                     )
                 return out
 
+    def read_version(self, path: str, version: str) -> Versioned | None:
+        where = self._secret_dir(path)
+        if not version.isdigit() or int(version) < 1:
+            return None
+        number = int(version)
+        with self._os_errors(f"cannot read {path} version {version}"):
+            if self._pointer(path, where) is None:
+                return None
+            aead = self._key()
+            with _flock(where / _LOCK, exclusive=False):
+                current = self._pointer(path, where)
+                # Versions above the pointer are orphans of a crashed write: never published.
+                if current is None or number > current or not (where / _version_file(number)).exists():
+                    return None
+                envelope = self._open(aead, path, where, number)
+        document = parse_document(envelope["document"], where=f"{path} version {number}")
+        return Versioned(document, str(number), envelope["request_id"])
+
     def check(self) -> None:
         with self._os_errors(f"cannot use directory {self._root}"):
             _make_private_dirs(self._root)

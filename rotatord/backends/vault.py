@@ -647,6 +647,11 @@ class VaultBackend(Backend):
     def mark_managed(self, path: str) -> None:
         self._kv.ensure_managed(self._full(path), self._settings.max_versions)
 
+    def read_version(self, path: str, version: str) -> Versioned | None:
+        if not version.isdigit() or int(version) < 1:
+            return None
+        return self._kv.read(self._full(path), int(version))
+
     def check(self) -> None:
         self._kv.check()
 

@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--since", help="with --consumer: only those created since (ISO 8601)")
     w.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "scan",
+        parents=[common],
+        help="find rotatord tokens and managed keys in files; say whose they are and if still valid",
+        description="Exit 0: nothing found; 1: findings; 2: nothing found but the scan was incomplete.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (symlinks inside are not followed)")
+    p.add_argument("--max-size", type=float, default=64.0, metavar="MIB", help="skip larger files (default 64)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("audit", parents=[common], help="audit log tools")
     audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION", parser_class=_Parser)
     v = audit_sub.add_parser("verify", parents=[common], help="check the audit log's hash chain")
@@ -110,6 +120,7 @@ COMMANDS = {
     "census": "data_cmds:census",
     "webhooks": "webhook_cmds:webhooks",
     "reencrypt": "data_cmds:reencrypt",
+    "scan": "scan_cmds:scan",
 }
 
 

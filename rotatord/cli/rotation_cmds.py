@@ -189,6 +189,13 @@ def status(args: argparse.Namespace) -> int:
                 f"{r['name']}: DRIFT ({d['reason']}) since {d['detected_at']}: {d['message']}; rotations paused: "
                 f"run 'rotatord adopt {r['name']}' or 'rotatord rotate {r['name']} --emergency'"
             )
+        used = r.get("revoked_use") or {}
+        if used.get("count"):
+            out(
+                f"{r['name']}: a revoked credential was presented {used['count']} time(s) "
+                f"({used['fingerprints']} fingerprint(s)), last {relative(used['last_at'], now)} "
+                f"from {used['last_source'] or 'an unnamed source'}: a forgotten consumer or a thief"
+            )
     for r in rows:
         blast = r.get("blast_radius")
         # The emergency's report: always for the secret asked about, and while it runs for all.

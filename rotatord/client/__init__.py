@@ -9,7 +9,8 @@
     token = ring.encrypt(b"hello")        # under the current primary key
     ring.decrypt(token)                   # under any key still in the ring
 
-A bot told by rotatord's webhooks when to re-read answers each request with
+``TokenSet(reader, on_revoked_use=RevokedUseReporter(url))`` tells the daemon when a revoked
+token is still presented.  A bot told by rotatord's webhooks when to re-read answers each request with
 ``WebhookHandler(...).handle(body, headers)``; ``verify_webhook`` checks one request alone.
 
 Importing this package loads the stdlib, ``cryptography`` and rotatord's stdlib-only modules,
@@ -26,6 +27,7 @@ from ..errors import BackendError, DecryptError, DocumentInvalid
 from .core import DocumentReader
 from .file import FileReader
 from .keyring import Keyring
+from .reports import RevokedUse, RevokedUseReporter
 from .tokens import SigningSecrets, TokenCheck, TokenSet
 from .webhooks import WebhookEvent, WebhookHandler, WebhookVerificationError, verify_webhook
 
@@ -41,6 +43,8 @@ __all__ = [
     "DocumentReader",
     "FileReader",
     "Keyring",
+    "RevokedUse",
+    "RevokedUseReporter",
     "SigningSecrets",
     "TokenCheck",
     "TokenSet",

@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import enum
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from ..crypto.tokens import token_sha256
+from ..crypto.tokens import fingerprint, token_sha256
 from ..document import Credential, CredentialSet, Document
 from ..errors import DocumentInvalid
 from ..timeutil import utcnow
 from .core import CachedDocument, CachedView, DocumentReader, MonotonicClock
+from .reports import RevokedUse
 
-__all__ = ["SigningSecrets", "TokenCheck", "TokenSet"]
+__all__ = ["RevokedUseCallback", "SigningSecrets", "TokenCheck", "TokenSet"]
+
+log = logging.getLogger("rotatord.client")
 
 WallClock = Callable[[], datetime]
+#: Called with every refused revoked token; see :class:`~rotatord.client.RevokedUseReporter`.
+RevokedUseCallback = Callable[[RevokedUse], None]
 
 
 class TokenCheck(enum.Enum):
@@ -66,6 +72,7 @@ class _Match:
     current: bool
     previous: bool
     revoked: bool
+    revoked_id: str | None
 
 
 def _match(presented: str, cs: CredentialSet) -> _Match:
@@ -77,9 +84,12 @@ def _match(presented: str, cs: CredentialSet) -> _Match:
     current_hit = hmac.compare_digest(wanted, cs.current.sha256.lower().encode("utf-8"))
     previous_hit = hmac.compare_digest(wanted, previous.lower().encode("utf-8")) and cs.previous is not None
     revoked_hit = False
+    revoked_id = None
     for entry in cs.revoked:
-        revoked_hit |= hmac.compare_digest(wanted, entry.sha256.lower().encode("utf-8"))
-    return _Match(current_hit, previous_hit, revoked_hit)
+        hit = hmac.compare_digest(wanted, entry.sha256.lower().encode("utf-8"))
+        revoked_hit |= hit
+        revoked_id = entry.id if hit else revoked_id
+    return _Match(current_hit, previous_hit, revoked_hit, revoked_id)
 
 
 def _status(credential: Credential, now: datetime, *, previous: bool) -> TokenCheck:
@@ -98,6 +108,12 @@ class TokenSet(CachedView[CredentialSet]):
     unknown token under a document read more than ``min_interval`` ago triggers one re-read
     (it may have been issued since).  ``now`` is the wall clock used for expiry (timezone-aware
     UTC by default).  Nothing here logs or raises with the presented token in it.  Thread-safe.
+
+    ``on_revoked_use`` is called (in the verifying thread) with a :class:`RevokedUse` for each
+    REVOKED result: an old token still presented means a forgotten consumer or a thief.  It gets
+    the token's fingerprint, never the token; an exception it raises is logged and swallowed, so
+    reporting never breaks verification.  Pass a :class:`~rotatord.client.RevokedUseReporter` to
+    tell the daemon.
     """
 
     def __init__(
@@ -108,37 +124,51 @@ class TokenSet(CachedView[CredentialSet]):
         clock: MonotonicClock = time.monotonic,
         now: WallClock | None = None,
         min_interval: float = 5.0,
+        on_revoked_use: RevokedUseCallback | None = None,
     ) -> None:
         self._cache = CachedDocument(reader, _credentials("api_token"), ttl=ttl, clock=clock, min_interval=min_interval)
         self._now: WallClock = now or utcnow
+        self._on_revoked_use = on_revoked_use
 
-    def verify(self, presented: str) -> TokenCheck:
+    def verify(self, presented: str, *, source: str | None = None) -> TokenCheck:
         """VALID, EXPIRED (past its ``expires_at``), REVOKED (in the revoked list, or a previous
-        token past its ``valid_until``) or UNKNOWN.  Raises TypeError unless ``presented`` is a str."""
+        token past its ``valid_until``) or UNKNOWN.  ``source`` (the caller's address, a consumer
+        name...) goes into the revoked-use report.  Raises TypeError unless ``presented`` is a str."""
         if not isinstance(presented, str):
             raise TypeError("verify expects the presented token as str")
         loaded = self._cache.get()
-        result = self._check(presented, loaded.value)
+        result, cs, credential = self._check(presented, loaded.value)
         if result is TokenCheck.UNKNOWN:
             newer = self._cache.refresh_after_miss(loaded)
             if newer is not None:
-                result = self._check(presented, newer.value)
+                result, cs, credential = self._check(presented, newer.value)
+        if result is TokenCheck.REVOKED and self._on_revoked_use is not None:
+            self._report(presented, cs, credential, source)
         return result
+
+    def _report(self, presented: str, cs: CredentialSet, credential: str | None, source: str | None) -> None:
+        report = RevokedUse(cs.name, fingerprint(presented), "revoked", _aware(self._now()), source, credential)
+        assert self._on_revoked_use is not None
+        try:
+            self._on_revoked_use(report)
+        except Exception:  # a reporting failure must never turn into a failed request
+            log.exception("on_revoked_use callback failed", extra={"secret": cs.name})
 
     def is_valid(self, presented: str) -> bool:
         """Whether ``presented`` is a token a client may use right now."""
         return self.verify(presented) is TokenCheck.VALID
 
-    def _check(self, presented: str, cs: CredentialSet) -> TokenCheck:
+    def _check(self, presented: str, cs: CredentialSet) -> tuple[TokenCheck, CredentialSet, str | None]:
+        """The result, the document it came from and the id of the credential matched."""
         match = _match(presented, cs)
         now = _aware(self._now())
         if match.revoked:
-            return TokenCheck.REVOKED
+            return TokenCheck.REVOKED, cs, match.revoked_id
         if match.current:
-            return _status(cs.current, now, previous=False)
+            return _status(cs.current, now, previous=False), cs, cs.current.id
         if match.previous and cs.previous is not None:
-            return _status(cs.previous, now, previous=True)
-        return TokenCheck.UNKNOWN
+            return _status(cs.previous, now, previous=True), cs, cs.previous.id
+        return TokenCheck.UNKNOWN, cs, None
 
 
 class SigningSecrets(CachedView[CredentialSet]):

@@ -32,7 +32,9 @@ __all__ = [
     "CHECKSUM_WIDTH",
     "PREFIX_RE",
     "TOKEN_RE",
+    "FINGERPRINT_HEX",
     "TokenParts",
+    "fingerprint",
     "make_token",
     "parse_token",
     "token_sha256",
@@ -129,6 +131,20 @@ def token_sha256(token: str) -> str:
     if not isinstance(token, str):
         raise TypeError("token_sha256 expects str")
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+#: Hex digits of a fingerprint: 48 bits tell credentials apart in reports and reveal nothing usable.
+FINGERPRINT_HEX = 12
+FINGERPRINT_RE = re.compile(rf"[0-9a-f]{{{FINGERPRINT_HEX}}}")
+
+
+def fingerprint(material: str) -> str:
+    """A short public name for a token or key: the first hex digits of its SHA-256.
+
+    What scan output, revoked-use reports and audit records show instead of the material; the
+    daemon matches it against the SHA-256 a document keeps for each (also revoked) credential.
+    """
+    return token_sha256(material)[:FINGERPRINT_HEX]
 
 
 def verify_token(presented: str, sha256_hexes: Iterable[str]) -> bool:

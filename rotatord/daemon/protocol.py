@@ -33,6 +33,8 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "webhooks.list": {"consumer": (str, False), "status": (str, False), "webhook_id": (str, False)},
     "webhooks.replay": {"consumer": (str, False), "webhook_id": (str, False), "since": (str, False)},
     "reencrypt": {"name": (str, True)},
+    # A bot's report that a revoked credential was presented (see rotatord.daemon.reports).
+    "report.revoked_use": {"report": (dict, True)},
 }
 
 
@@ -46,6 +48,7 @@ class Request:
     status: str | None = None
     webhook_id: str | None = None
     since: str | None = None
+    report: dict[str, Any] | None = None
 
 
 def parse_request(line: bytes) -> Request:
@@ -92,6 +95,7 @@ def parse_request(line: bytes) -> Request:
         status=data.get("status"),
         webhook_id=data.get("webhook_id"),
         since=data.get("since"),
+        report=data.get("report"),
     )
 
 

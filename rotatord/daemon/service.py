@@ -30,6 +30,7 @@ from .control import ControlServer
 from .endpoint import HttpEndpoint, open_endpoint
 from .lock import StateLock
 from .protocol import Request
+from .reports import RevokedUseRecorder, handle_revoked_use, install
 from .runtime import Runtime, build_runtime
 from .systemd import Notifier, listen_fds, watchdog_period
 
@@ -45,6 +46,8 @@ CLOCK_JUMP_SECONDS = 2.0
 #: The scheduler key of the periodic drift check (":" cannot start a secret name).
 DRIFT_JOB = ":drift-check"
 DRIFT_FIRST_DELAY = timedelta(seconds=30)
+#: Where bots POST their reports of revoked credentials (on the metrics listener, loopback by default).
+REVOKED_USE_PATH = "/v1/revoked-use"
 
 
 class Daemon:
@@ -99,6 +102,10 @@ class Daemon:
             self.http = await open_endpoint(daemon, runtime=lambda: self._runtime, role=role, phase=self._phase)
             self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=lambda: self._stopping)
             self._observe()
+            install(self._revoked_use_recorder)
+            if self.http is not None:
+                # Bots report a revoked or retired credential still presented to them (rotatord.client).
+                self.http.server.add_route("POST", REVOKED_USE_PATH, handle_revoked_use)
             self.notifier.status("resuming unfinished rotations")
             resumed = await self._loop.run_in_executor(None, self._resume)
             fds = listen_fds()
@@ -135,6 +142,7 @@ class Daemon:
             await self.control.close()
             await self._close_http()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
+            install(None)
             self.runtime.close()
             log.info("stopped cleanly")
             return 0
@@ -377,6 +385,10 @@ class Daemon:
             return {"reloaded": True}
         if request.op in ("webhooks.list", "webhooks.replay"):
             return await self._loop.run_in_executor(None, self._webhooks, request)
+        if request.op == "report.revoked_use":
+            recorder = self._revoked_use_recorder()
+            assert recorder is not None  # the control socket serves only while the runtime exists
+            return await recorder.submit(request.report, actor)
         return await self._loop.run_in_executor(None, self._handle_blocking, request, actor)
 
     def _handle_blocking(self, request: Request, actor: str) -> Any:
@@ -431,6 +443,28 @@ class Daemon:
         count = notifier.replay(request.webhook_id, consumer=request.consumer, since=since)
         self._changed_threadsafe("")
         return {"replayed": count}
+
+    def _revoked_use_recorder(self) -> RevokedUseRecorder | None:
+        """A recorder over the current runtime (so a reload applies at once); None before it exists.
+        Reports are still taken while stopping: the runtime stays open until every server closed."""
+        if self._runtime is None:
+            return None
+        from ..document import Document
+        from ..engine.revoked_use import RevokedUseStore
+
+        runtime = self.runtime
+        engine = runtime.engine
+
+        def read_document(name: str) -> Document | None:
+            secret = engine.setting(name)
+            current = engine.backends[secret.backend].read(secret.path)
+            return None if current is None else current.document
+
+        return RevokedUseRecorder(
+            RevokedUseStore(runtime.journal), runtime.audit, engine.secrets,
+            runtime.settings.notify.security_consumers, self.clock, lambda: self._changed_threadsafe(""),
+            read_document,
+        )  # fmt: skip
 
     def _status_of(self, name: str, now: datetime) -> dict[str, Any]:
         status = secret_status(self.runtime.engine, name, now)

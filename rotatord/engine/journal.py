@@ -213,7 +213,7 @@ class Journal:
             except OSError as exc:
                 raise StateError(f"cannot create the state database {database}: {exc.strerror}") from None
         from ..hooks import ledger as _hook_ledger  # noqa: F401 - registers its table too
-        from . import drift_store, ledger  # noqa: F401 - register their tables on the shared metadata
+        from . import drift_store, ledger, revoked_use  # noqa: F401 - register their tables on the shared metadata
 
         try:
             metadata.create_all(self._engine)

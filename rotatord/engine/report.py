@@ -10,6 +10,7 @@ from typing import Any
 
 from ..timeutil import format_ts
 from .journal import RotationRow
+from .revoked_use import RevokedUseStore
 from .runner import Engine
 from .states import HELD_BY_HOOK, next_step
 
@@ -38,6 +39,8 @@ def secret_status(engine: Engine, name: str, now: datetime) -> dict[str, Any]:
         "attempts": 0,
         "emergency": bool(latest.emergency) if latest else False,
         "drift": None,
+        # Bots' reports of revoked credentials still presented (rotatord.daemon.reports).
+        "revoked_use": RevokedUseStore(engine.journal).summary(name),
     }
     record = engine.drift.ledger.open_drift(name)
     if record is not None:

@@ -168,3 +168,20 @@ def test_second_backend_object_sees_writes(backend_factory: BackendFactory, secr
     assert (back.version, digest(back.document)) == (v2, digest(update))
     with pytest.raises(ConflictError):
         a.write(secret_path, fernet_ring(version=2), expected=v1, request_id="a2")
+
+
+def test_read_version_returns_each_kept_version(backend: Backend, secret_path: str) -> None:
+    docs = [fernet_ring(version=n, keys=min(n, 2)) for n in (1, 2, 3)]
+    expected: str | None = None
+    written = []
+    for n, doc in enumerate(docs, start=1):
+        expected = backend.write(secret_path, doc, expected=expected, request_id=f"r{n}")
+        written.append(expected)
+    for version, doc in zip(written, docs, strict=True):
+        got = backend.read_version(secret_path, version)
+        assert got is not None, f"version {version} is kept but unreadable"
+        assert (got.version, digest(got.document)) == (version, digest(doc))
+    # A version that never existed reads as None, and nothing changed.
+    missing = "999999" if written[0].isdigit() else "00000000-0000-0000-0000-000000000000"
+    assert backend.read_version(secret_path, missing) is None
+    assert [h.version for h in backend.history(secret_path)] == written

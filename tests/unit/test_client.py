@@ -573,6 +573,8 @@ def test_public_names_are_pinned() -> None:
         "DocumentReader",
         "FileReader",
         "Keyring",
+        "RevokedUse",
+        "RevokedUseReporter",
         "SigningSecrets",
         "TokenCheck",
         "TokenSet",
