@@ -67,6 +67,15 @@ def _version_file(version: int) -> str:
     return f"v{version:08d}.enc"
 
 
+def _stamp(file: Path, version: int) -> tuple[int, ...] | None:
+    """What changes whenever ``file`` is written, replaced or touched (None: it is missing)."""
+    try:
+        st = file.stat()
+    except FileNotFoundError:
+        return None
+    return (version, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _aad(path: str, version: int) -> bytes:
     return f"rotatord/file/v1\0{path}\0{version}".encode()
 
@@ -169,6 +178,8 @@ class FileBackend(Backend):
         self._clock: Clock = clock or SystemClock()
         self._aead: AESGCM | None = None
         self._key_lock = threading.Lock()
+        #: path -> (version file stamp, what observe() saw); see observe().
+        self._observed: dict[str, tuple[tuple[int, ...], Observed]] = {}
 
     def __repr__(self) -> str:
         return f"FileBackend(name={self.name!r}, directory={str(self._root)!r})"
@@ -221,6 +232,12 @@ class FileBackend(Backend):
                 return str(new)
 
     def observe(self, path: str) -> Observed | None:
+        """See :meth:`Backend.observe`.  The answer for an unchanged version file is remembered:
+        the drift check asks for every secret every few minutes, and decrypting and validating
+        each document again would cost a daemon with 1,000 secrets seconds of CPU each time.
+        "Unchanged" is the current pointer plus the version file's inode, size, mtime and ctime;
+        any write, rename or ``touch`` changes the ctime, which no unprivileged process can set back.
+        """
         where = self._secret_dir(path)
         with self._os_errors(f"cannot read {path}"):
             if self._pointer(path, where) is None:
@@ -230,6 +247,10 @@ class FileBackend(Backend):
                 current = self._pointer(path, where)
                 if current is None:
                     return None
+                stamp = _stamp(where / _version_file(current), current)
+                cached = self._observed.get(path)
+                if stamp is not None and cached is not None and cached[0] == stamp:
+                    return cached[1]
                 try:
                     envelope = self._open(aead, path, where, current)
                 except DocumentInvalid as exc:
@@ -243,7 +264,10 @@ class FileBackend(Backend):
             document = parse_document(raw, where=f"{path} version {current}")
         except DocumentInvalid as exc:
             return Observed(str(current), None, request_id, unreadable="invalid", problem=str(exc))
-        return Observed(str(current), digest(document), request_id, owner=(document.name, document.kind))
+        seen = Observed(str(current), digest(document), request_id, owner=(document.name, document.kind))
+        if stamp is not None:
+            self._observed[path] = (stamp, seen)
+        return seen
 
     def history(self, path: str) -> list[VersionInfo]:
         where = self._secret_dir(path)

@@ -348,3 +348,26 @@ def test_writer_processes_lose_no_update(settings: FileBackendSettings) -> None:
     assert [h.version for h in history][-1] == "20"
     assert len(history) == 20  # 4 processes x 5 writes: none lost, none doubled
     assert sorted(h.request_id or "" for h in history) == sorted(f"p{i}-{n}" for i in range(4) for n in range(5))
+
+
+def test_observe_remembers_an_unchanged_version_and_sees_any_rewrite(
+    settings: FileBackendSettings, backend: FileBackend
+) -> None:
+    """The drift check observes every secret every few minutes: an unchanged version file is
+    not decrypted again, yet a rewrite is seen even when its mtime is put back (the ctime moves)."""
+    ring = fernet_ring()
+    v1 = backend.write(PATH, ring, expected=None, request_id="r1")
+    first = backend.observe(PATH)
+    assert first is not None and first.digest == digest(ring) and first.unreadable is None
+    assert backend.observe(PATH) is first  # remembered, not decrypted again
+    blob = secret_dir(settings) / "v00000001.enc"
+    before = blob.stat()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01
+    blob.write_bytes(bytes(data))
+    os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns))  # hide the write from the mtime
+    tampered = backend.observe(PATH)
+    assert tampered is not None and tampered.unreadable == "invalid" and tampered.version == v1
+    blob.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0x01]))  # put the original bytes back
+    restored = backend.observe(PATH)
+    assert restored is not None and restored.digest == first.digest and restored is not first
