@@ -129,11 +129,13 @@ class JobScheduler:
 
     def next_run(self, key: str) -> datetime | None:
         job = self._scheduler.get_job(key)
-        return None if job is None else job.next_run_time
+        # A job armed before start() is pending and has no next run time yet.
+        return None if job is None else getattr(job, "next_run_time", None)
 
     def next_runs(self) -> dict[str, datetime]:
         """Every armed key's next run, in one pass over the job store."""
-        return {job.id: job.next_run_time for job in self._scheduler.get_jobs() if job.next_run_time is not None}
+        runs = ((job.id, getattr(job, "next_run_time", None)) for job in self._scheduler.get_jobs())
+        return {key: when for key, when in runs if when is not None}
 
     def job_ids(self) -> list[str]:
         return [job.id for job in self._scheduler.get_jobs()]

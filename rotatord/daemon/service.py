@@ -115,11 +115,13 @@ class Daemon:
                 group=daemon.socket_group,
                 inherited_fd=fds.get("control"),
             )
-            self.scheduler.start()
+            # Every job is armed before the scheduler starts: with 1,000 secrets due at once, the
+            # first runs would otherwise compete with the arming of the rest for the GIL.
             self._arm_all(startup=True)
             # The first sweep waits a little: reading every secret competes with the start-up
             # (each step checks its own secret for drift before acting anyway).
             self._arm_drift(self.clock.now() + min(self.settings.daemon.drift_check_interval, DRIFT_FIRST_DELAY))
+            self.scheduler.start()
             for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set)):
                 self._loop.add_signal_handler(sig, handler)
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))

@@ -180,6 +180,16 @@ class World:
             what="rotation 2 to complete",
         )
 
+    def settle(self) -> None:
+        """Wait for rotation 2 to finish and every delivery to the bot to be settled."""
+        self.wait_rotated()
+        wait_until(lambda: self.status()["state"] == "done", what="status to settle")
+        wait_until(
+            lambda: all(r[0] == "delivered" for r in self.rows("SELECT status FROM outbox WHERE consumer = 'bot'")),
+            timeout=60,
+            what="every delivery settled",
+        )
+
     def assert_converged(self) -> None:
         ring = self.ring()
         assert ring.primary == "v2" and [k.id for k in ring.keys] == ["v2"]

@@ -60,12 +60,7 @@ def test_sigkill_at_every_step(world: WorldFactory, receivers: ReceiverServer, p
     resumed = w.daemon()
     try:
         resumed.wait_ready()
-        w.wait_rotated()
-        wait_until(lambda: w.status()["state"] == "done", what="status to settle")
-        wait_until(
-            lambda: all(r[0] == "delivered" for r in w.rows("SELECT status FROM outbox WHERE consumer = 'bot'")),
-            what="every delivery settled",
-        )
+        w.settle()
         assert resumed.stop() == 0
     finally:
         resumed.kill()
@@ -101,11 +96,7 @@ transient_retries = 0
             wait_until(lambda: bool(w.status().get("error")), timeout=30, what="the promotion to fail")
             assert w.status()["phase"] == "staged"  # nothing advanced without the backend
             bao.start()
-            w.wait_rotated()
-            wait_until(
-                lambda: all(r[0] == "delivered" for r in w.rows("SELECT status FROM outbox WHERE consumer = 'bot'")),
-                what="every delivery settled",
-            )
+            w.settle()
             assert daemon.stop() == 0
         finally:
             daemon.kill()
@@ -157,11 +148,7 @@ def test_postgres_connections_dropped_mid_batch(
 
         wait_until(hit, timeout=30, interval=0.02, what="a batch to fail on a dropped connection")
         assert dropped > 0
-        w.wait_rotated()
-        wait_until(
-            lambda: all(r[0] == "delivered" for r in w.rows("SELECT status FROM outbox WHERE consumer = 'bot'")),
-            what="every delivery settled",
-        )
+        w.settle()
         assert daemon.stop() == 0
     finally:
         daemon.kill()
@@ -194,12 +181,7 @@ def test_webhook_receivers_down_for_the_first_attempts(world: WorldFactory, tmp_
             w.receivers = back
             w.listen_as_bot()
             receivers = back
-            w.wait_rotated()
-            wait_until(
-                lambda: all(r[0] == "delivered" for r in w.rows("SELECT status FROM outbox WHERE consumer = 'bot'")),
-                timeout=60,
-                what="every delivery settled",
-            )
+            w.settle()
             assert daemon.stop() == 0
         finally:
             daemon.kill()
@@ -242,11 +224,7 @@ def test_wall_clock_jumps_forward_past_the_grace_period(
         ring = w.ring()
         assert {k.id for k in ring.keys} == {"v1", "v2"}  # the old key stays for its 3-day grace
         offset.write_text("+4d\n")  # the wall clock jumps four days ahead
-        w.wait_rotated(timeout=60)
-        wait_until(
-            lambda: all(r[0] == "delivered" for r in w.rows("SELECT status FROM outbox WHERE consumer = 'bot'")),
-            what="every delivery settled",
-        )
+        w.settle()
         assert daemon.stop() == 0
     finally:
         daemon.kill()
