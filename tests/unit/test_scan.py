@@ -121,6 +121,9 @@ class _Down(Backend):
     def history(self, path: str) -> list[object]:  # type: ignore[override]
         return []
 
+    def observe(self, path: str) -> None:
+        raise BackendUnavailable("backend 'vault': connection refused")
+
 
 def test_an_unreachable_backend_is_a_problem_not_a_crash() -> None:
     key = Fernet.generate_key().decode()
