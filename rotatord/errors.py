@@ -8,6 +8,7 @@ Subclasses follow what the operator does next, not where the error was raised::
     │   └── UnknownSecret              the name is not a managed secret
     ├── DaemonNotRunning               start the daemon, or use --offline  (exit 69, EX_UNAVAILABLE)
     ├── LockHeld                       another instance owns this state    (exit 75, EX_TEMPFAIL)
+    ├── NotLeader                      a standby: ask the leader it names  (exit 75)
     ├── BackendError                   check the secret backend
     │   ├── BackendUnavailable         transient: rotatord retries it      (exit 75)
     │   ├── PermissionDenied           grant the documented policy         (exit 77, EX_NOPERM)
@@ -22,6 +23,7 @@ Subclasses follow what the operator does next, not where the error was raised::
     │   ├── ReencryptionIncomplete     items are still under old keys after the passes; retried
     │   └── StepInterrupted            the daemon is stopping; the step resumes from its checkpoint
     ├── StateError                     the state database is unusable or inconsistent
+    │   └── Fenced                     this instance lost the leader lease; its write was refused
     ├── AuditError                     the audit log failed verification    (exit 65)
     ├── ControlError                   the control socket protocol was violated
     └── DecryptError                   a token could not be decrypted (never says which check failed)
@@ -44,7 +46,9 @@ __all__ = [
     "DaemonNotRunning",
     "DecryptError",
     "DocumentInvalid",
+    "Fenced",
     "LockHeld",
+    "NotLeader",
     "NotManaged",
     "PermissionDenied",
     "ReencryptionIncomplete",
@@ -94,6 +98,13 @@ class DaemonNotRunning(RotatordError):
 
 
 class LockHeld(RotatordError):
+    exit_code = 75
+    transient = True
+
+
+class NotLeader(RotatordError):
+    """This instance is a standby; the message names the leader to ask instead."""
+
     exit_code = 75
     transient = True
 
@@ -154,6 +165,12 @@ class StepInterrupted(RotationError):
 
 class StateError(RotatordError):
     exit_code = 70
+
+
+class Fenced(StateError):
+    """A write by an instance that no longer holds the leader lease; it was rolled back."""
+
+    transient = True
 
 
 class AuditError(RotatordError):

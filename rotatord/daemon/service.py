@@ -1,5 +1,10 @@
 """``rotatord run``: lock -> resume -> schedule -> serve -> wait for a signal.
 
+On a PostgreSQL state database several instances run: each serves its control socket at once,
+and only the one holding the leader lease (:mod:`.leader`) resumes, schedules and delivers
+webhooks; it stands down as soon as it may no longer act, and a standby that takes the lease
+over runs the same resume path a starting daemon does.
+
 The asyncio loop owns the control socket, signals and the watchdog; rotation steps run on the
 scheduler's worker threads (they block on backends and databases), so a slow backend never
 delays a watchdog ping.
@@ -13,11 +18,14 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings, check_references, load_settings
+from ..engine.lease import supports_lease
 from ..engine.policy import next_rotation_due
 from ..engine.report import census_report, history_report, secret_status
 from ..errors import ConfigError, RotatordError, UnknownSecret, UsageError
@@ -25,6 +33,7 @@ from ..logs import setup_logging
 from ..schedule import JobScheduler
 from ..timeutil import Clock, SystemClock, format_ts, parse_ts
 from .control import ControlServer
+from .leader import Leadership, Role
 from .lock import StateLock
 from .protocol import Request
 from .runtime import Runtime, build_runtime
@@ -35,6 +44,9 @@ __all__ = ["Daemon"]
 log = logging.getLogger("rotatord.daemon")
 ERROR_RETRY = timedelta(minutes=1)
 STATUS_INTERVAL = 1.0
+LEADERSHIP_POLL = 0.2
+#: Control ops a standby refuses (naming the leader): they change state or act on stores.
+LEADER_OPS = frozenset({"rotate", "rollback", "reencrypt", "census", "webhooks.replay"})
 
 
 class Daemon:
@@ -55,6 +67,29 @@ class Daemon:
         self._notify_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        self.leadership: Leadership | None = None
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+
+    def role(self) -> Role:
+        """``single`` (SQLite state), ``leader`` or ``standby`` (PostgreSQL state); thread-safe."""
+        if self.leadership is None:
+            return "standby" if supports_lease(self.settings.daemon.database_url) else "single"
+        return self.leadership.role()
+
+    def _may_act(self) -> bool:
+        return self.leadership is None or self.leadership.may_act()
+
+    @contextmanager
+    def _working(self) -> Iterator[None]:
+        """Counts work in flight, so a deposed leader knows when its last step has ended."""
+        with self._inflight_lock:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
 
     @property
     def runtime(self) -> Runtime:
@@ -70,11 +105,17 @@ class Daemon:
         lock = StateLock(daemon.state_dir)
         daemon.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock.acquire()
+        follow: asyncio.Future[None] | None = None
         try:
-            self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=lambda: self._stopping)
+            self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=self._should_stop)
             self.runtime.engine.on_change = self._changed_threadsafe
-            self.notifier.status("resuming unfinished rotations")
-            resumed = await self._loop.run_in_executor(None, self._resume)
+            self.leadership = await self._loop.run_in_executor(None, Leadership.for_settings, daemon)
+            resumed = 0
+            if self.leadership.multi:
+                self.runtime.journal.guard_writes(self.leadership.check_write)
+            else:
+                self.notifier.status("resuming unfinished rotations")
+                resumed = await self._loop.run_in_executor(None, self._resume)
             fds = listen_fds()
             await self.control.start(
                 path=daemon.socket_path,
@@ -83,14 +124,24 @@ class Daemon:
                 inherited_fd=fds.get("control"),
             )
             self.scheduler.start()
-            self._arm_all(startup=True)
+            if self.leadership.multi:
+                self.leadership.start()
+                follow = asyncio.ensure_future(self._follow_leadership())
+            else:
+                self._arm_all(startup=True)
             for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set)):
                 self._loop.add_signal_handler(sig, handler)
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
             self.notifier.ready(self._status_line())
             log.info(
                 "rotatord ready",
-                extra={"secrets": len(self.settings.secrets), "resumed": resumed, "socket": str(daemon.socket_path)},
+                extra={
+                    "secrets": len(self.settings.secrets),
+                    "resumed": resumed,
+                    "socket": str(daemon.socket_path),
+                    "role": self.role(),
+                    "instance": self.leadership.instance,
+                },
             )
             watchdog = asyncio.ensure_future(self._watchdog())
             self._start_notifier()
@@ -99,14 +150,69 @@ class Daemon:
             self.notifier.stopping("stopping: finishing the steps in flight")
             log.info("stopping: waiting for steps in flight")
             watchdog.cancel()
+            if follow is not None:
+                follow.cancel()
             await self._stop_notifier()
             await self.control.close()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
+            # Released only now that no step runs, so the standby taking over at once is safe.
+            await self._loop.run_in_executor(None, self.leadership.stop)
             self.runtime.close()
             log.info("stopped cleanly")
             return 0
         finally:
             lock.release()
+
+    # -- leadership (PostgreSQL state only) ---------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        return self._stopping or not self._may_act()
+
+    async def _follow_leadership(self) -> None:
+        """Act on role changes: lead when the lease is won, stand down the moment it may not act."""
+        assert self.leadership is not None
+        leading, leader = False, self.leadership.leader_name()
+        while True:
+            now_leading = self.leadership.may_act()
+            if now_leading and not leading:
+                leading = True
+                await self._lead()
+            elif leading and not now_leading:
+                leading = False
+                await self._stand_down()
+            elif self.leadership.leader_name() != leader:
+                self._publish_status()
+            leader = self.leadership.leader_name()
+            await asyncio.sleep(LEADERSHIP_POLL)
+
+    async def _lead(self) -> None:
+        """Took the lease: the same resume path as a starting daemon, then schedule and notify."""
+        assert self._loop is not None and self.leadership is not None
+        self.notifier.status(f"leader (epoch {self.leadership.epoch}): resuming unfinished rotations")
+        resumed = await self._loop.run_in_executor(None, self._resume)
+        self._arm_all(startup=True)
+        self._start_notifier()
+        log.info("leading", extra={"epoch": self.leadership.epoch, "resumed": resumed})
+        self._publish_status()
+
+    async def _stand_down(self) -> None:
+        """Lost the lease (or may lose it): stop scheduling and notifying, wait for steps in flight."""
+        assert self.leadership is not None
+        for key in self.scheduler.job_ids():
+            self.scheduler.disarm(key)
+        log.warning(
+            "stopped acting: no longer the leader; scheduler paused", extra={"instance": self.leadership.instance}
+        )
+        self._publish_status()
+        try:
+            await self._stop_notifier()
+        except Exception:  # a delivery cut off by the fence must not stop the standing down
+            log.exception("webhook worker failed while standing down")
+            self._notify_task = None
+        while self._inflight:  # their journal writes are refused by the fence meanwhile
+            await asyncio.sleep(0.1)
+        self.leadership.drained()
+        log.info("standing by: work of the last tenure drained")
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -122,6 +228,8 @@ class Daemon:
         return len(active)
 
     def _arm_all(self, startup: bool) -> None:
+        if not self._may_act():
+            return
         engine = self.runtime.engine
         now = self.clock.now()
         jitter = self.settings.daemon.startup_jitter.total_seconds()
@@ -139,12 +247,16 @@ class Daemon:
             self._arm(name, when)
 
     def _arm(self, name: str, when: datetime) -> None:
-        if not self._stopping:
+        if not self._stopping and self._may_act():
             self.scheduler.arm(name, when, lambda: self._tick(name))
 
     def _tick(self, name: str, rearm: bool = True) -> None:
+        with self._working():
+            self._tick_working(name, rearm)
+
+    def _tick_working(self, name: str, rearm: bool) -> None:
         engine = self.runtime.engine
-        if name not in engine.secrets:
+        if name not in engine.secrets or not self._may_act():
             return
         try:
             nxt = engine.tick(name, self.clock.now())
@@ -175,7 +287,7 @@ class Daemon:
 
     def _start_notifier(self) -> None:
         notifier = self.runtime.notifier
-        if notifier is None:
+        if notifier is None or not self._may_act():
             return
         self._notify_stop = asyncio.Event()
         self._notify_task = asyncio.ensure_future(notifier.run(self._notify_stop, self._notify_wake))
@@ -203,6 +315,13 @@ class Daemon:
         runs = self.scheduler.next_runs()
         upcoming = sorted((runs.get(n) or now, n) for n in engine.secrets)
         parts = [f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
+        if self.leadership is not None and self.leadership.multi:
+            if self.leadership.may_act():
+                parts.insert(0, f"leader {self.leadership.instance} (epoch {self.leadership.epoch})")
+            else:
+                parts.insert(
+                    0, f"standby {self.leadership.instance} (leader: {self.leadership.leader_name() or 'none'})"
+                )
         if failing:
             parts.append(f"{len(failing)} failing ({failing[0].secret}: {failing[0].error})")
         if upcoming:
@@ -237,7 +356,7 @@ class Daemon:
             runtime = await self._loop.run_in_executor(
                 None,
                 lambda: build_runtime(
-                    new, journal=self.runtime.journal, locks=self._locks, should_stop=lambda: self._stopping
+                    new, journal=self.runtime.journal, locks=self._locks, should_stop=self._should_stop
                 ),
             )
         except ConfigError as exc:
@@ -259,15 +378,32 @@ class Daemon:
     async def _handle(self, request: Request, actor: str) -> Any:
         assert self._loop is not None
         if request.op == "ping":
-            return {"pid": os.getpid(), "secrets": len(self.runtime.engine.secrets)}
+            lead = self.leadership
+            return {
+                "pid": os.getpid(),
+                "secrets": len(self.runtime.engine.secrets),
+                "role": self.role(),
+                "instance": lead.instance if lead is not None else None,
+                "leader": lead.leader_name() if lead is not None else None,
+            }
+        if request.op in LEADER_OPS and self.leadership is not None:
+            self.leadership.require_leader(request.op)
         if request.op == "reload":
             await self._reload()
             return {"reloaded": True}
         if request.op in ("webhooks.list", "webhooks.replay"):
-            return await self._loop.run_in_executor(None, self._webhooks, request)
+            return await self._loop.run_in_executor(None, self._webhooks_guarded, request)
         return await self._loop.run_in_executor(None, self._handle_blocking, request, actor)
 
     def _handle_blocking(self, request: Request, actor: str) -> Any:
+        if request.op not in LEADER_OPS:
+            return self._handle_working(request, actor)
+        with self._working():
+            if self.leadership is not None:
+                self.leadership.require_leader(request.op)  # again: the role may have changed meanwhile
+            return self._handle_working(request, actor)
+
+    def _handle_working(self, request: Request, actor: str) -> Any:
         engine = self.runtime.engine
         now = self.clock.now()
         if request.op == "status":
@@ -295,6 +431,14 @@ class Daemon:
         self._arm(request.name, engine.next_due(request.name, now) if not rot.active else now)
         self._tick(request.name)
         return self._status_of(request.name, self.clock.now())
+
+    def _webhooks_guarded(self, request: Request) -> Any:
+        if request.op not in LEADER_OPS:
+            return self._webhooks(request)
+        with self._working():
+            if self.leadership is not None:
+                self.leadership.require_leader(request.op)
+            return self._webhooks(request)
 
     def _webhooks(self, request: Request) -> Any:
         notifier = self.runtime.notifier
