@@ -30,11 +30,10 @@ def rotate(args: argparse.Namespace) -> int:
     _require(settings, args.name)
     actor = "cli:offline" if args.offline else "cli"
     if args.offline:
+        from ..daemon.leader import Leadership
         from ..daemon.lock import StateLock
         from ..daemon.runtime import build_runtime
         from ..engine.report import secret_status
-
-        from ..daemon.leader import Leadership
 
         with StateLock(settings.daemon.state_dir):
             # On a shared PostgreSQL state database the offline run must hold the leader lease too.
