@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,21 +18,6 @@ from rotatord.timeutil import utcnow
 from tests.helpers import wait_until
 
 TTL = timedelta(seconds=4)
-
-
-@pytest.fixture
-def pg_state(postgres_url: str) -> Iterator[str]:
-    """A fresh database for this test on the shared server (dropped afterwards)."""
-    name = f"rtd_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _leadership(url: str, instance: str, margin: float | None = None) -> Leadership:
