@@ -70,7 +70,10 @@ class Leadership:
         self.margin = ttl * SAFETY_FRACTION
         self._tenure: _Tenure | None = None
         self._leader: str | None = None
-        self._eligible = True
+        # The epoch of our last tenure, and the last one whose work the daemon reported drained:
+        # we compete again only when they are equal.
+        self._last_epoch: int | None = None
+        self._drained_epoch: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -157,12 +160,11 @@ class Leadership:
                 f"{what} refused: instance {holder!r} holds the leader lease; "
                 "run the command without --offline on that instance"
             )
-        self._tenure = _Tenure(lease.epoch, started + self.ttl - self.margin)
-        self._leader = self.instance
+        self._take(lease.epoch, started)
 
     def drained(self) -> None:
         """The daemon has stopped all work of the last tenure: this instance may lead again."""
-        self._eligible = True
+        self._drained_epoch = self._last_epoch
 
     # -- the lease thread --------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class Leadership:
 
     def _compete_once(self) -> float:
         assert self.store is not None
-        if not self._eligible:
+        if self._last_epoch != self._drained_epoch:
             return 0.1
         started = time.monotonic()
         try:
@@ -226,8 +228,7 @@ class Leadership:
             log.warning("cannot read the leader lease", extra={"error": str(exc)})
             return self.renew_every
         if lease is not None:
-            self._tenure = _Tenure(lease.epoch, started + self.ttl - self.margin)
-            self._leader = self.instance
+            self._take(lease.epoch, started)
             log.info("leader lease acquired: this instance leads", extra={"epoch": lease.epoch})
             return self.renew_every
         assert info is not None
@@ -237,10 +238,14 @@ class Leadership:
         # Wake just after the expiry on the database clock, so a dead leader is replaced promptly.
         return max(0.05, min(STANDBY_POLL_MAX, self.renew_every, info.expires_in + 0.05))
 
+    def _take(self, epoch: int, started: float) -> None:
+        self._last_epoch = epoch
+        self._tenure = _Tenure(epoch, started + self.ttl - self.margin)
+        self._leader = self.instance
+
     def _lose(self, tenure: _Tenure, why: str) -> None:
         if self._tenure is tenure:
             self._tenure = None
-            self._eligible = False
             self._leader = None
             log.warning("leader lease lost: this instance stopped acting", extra={"epoch": tenure.epoch, "why": why})
 

@@ -174,14 +174,17 @@ class Daemon:
         leading, leader = False, self.leadership.leader_name()
         while True:
             now_leading = self.leadership.may_act()
-            if now_leading and not leading:
-                leading = True
-                await self._lead()
-            elif leading and not now_leading:
-                leading = False
-                await self._stand_down()
-            elif self.leadership.leader_name() != leader:
-                self._publish_status()
+            try:
+                if now_leading and not leading:
+                    await self._lead()  # when it fails, the next turn tries again (resuming is idempotent)
+                    leading = True
+                elif leading and not now_leading:
+                    leading = False
+                    await self._stand_down()
+                elif self.leadership.leader_name() != leader:
+                    self._publish_status()
+            except Exception:  # e.g. the database went away mid-resume: the next turn re-evaluates
+                log.exception("leadership change failed", extra={"leading": leading})
             leader = self.leadership.leader_name()
             await asyncio.sleep(LEADERSHIP_POLL)
 
@@ -191,6 +194,7 @@ class Daemon:
         self.notifier.status(f"leader (epoch {self.leadership.epoch}): resuming unfinished rotations")
         resumed = await self._loop.run_in_executor(None, self._resume)
         self._arm_all(startup=True)
+        await self._stop_notifier()  # none, unless an earlier attempt failed after starting it
         self._start_notifier()
         log.info("leading", extra={"epoch": self.leadership.epoch, "resumed": resumed})
         self._publish_status()
@@ -310,24 +314,32 @@ class Daemon:
     def _status_line(self) -> str:
         engine = self.runtime.engine
         now = self.clock.now()
-        active = [r for r in engine.journal.all_active() if r.secret in engine.secrets]
+        role = self._role_status()
+        try:
+            active = [r for r in engine.journal.all_active() if r.secret in engine.secrets]
+        except RotatordError as exc:
+            if not role:
+                raise
+            # With a shared database an outage is an expected state: say so, keep the role visible.
+            return "; ".join([*role, f"state database unreachable ({exc})"])
         failing = [r for r in active if r.error]
         runs = self.scheduler.next_runs()
         upcoming = sorted((runs.get(n) or now, n) for n in engine.secrets)
-        parts = [f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
-        if self.leadership is not None and self.leadership.multi:
-            if self.leadership.may_act():
-                parts.insert(0, f"leader {self.leadership.instance} (epoch {self.leadership.epoch})")
-            else:
-                parts.insert(
-                    0, f"standby {self.leadership.instance} (leader: {self.leadership.leader_name() or 'none'})"
-                )
+        parts = [*role, f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
         if failing:
             parts.append(f"{len(failing)} failing ({failing[0].secret}: {failing[0].error})")
         if upcoming:
             when, name = upcoming[0]
             parts.append(f"next: {name} at {format_ts(when)}")
         return "; ".join(parts)
+
+    def _role_status(self) -> list[str]:
+        lead = self.leadership
+        if lead is None or not lead.multi:
+            return []
+        if lead.may_act():
+            return [f"leader {lead.instance} (epoch {lead.epoch})"]
+        return [f"standby {lead.instance} (leader: {lead.leader_name() or 'none'})"]
 
     async def _watchdog(self) -> None:
         period = watchdog_period()
