@@ -232,9 +232,9 @@ class Leadership:
             log.info("leader lease acquired: this instance leads", extra={"epoch": lease.epoch})
             return self.renew_every
         assert info is not None
-        if info.holder != self._leader:
-            log.info("standing by", extra={"leader": info.holder, "epoch": info.epoch})
-        self._leader = info.holder if info.expires_in > 0 else None
+        leader, self._leader = self._leader, info.holder if info.expires_in > 0 else None
+        if self._leader != leader and self._leader is not None:
+            log.info("standing by", extra={"leader": self._leader, "epoch": info.epoch})
         # Wake just after the expiry on the database clock, so a dead leader is replaced promptly.
         return max(0.05, min(STANDBY_POLL_MAX, self.renew_every, info.expires_in + 0.05))
 

@@ -171,7 +171,8 @@ class Daemon:
     async def _follow_leadership(self) -> None:
         """Act on role changes: lead when the lease is won, stand down the moment it may not act."""
         assert self.leadership is not None
-        leading, leader = False, self.leadership.leader_name()
+        leading: bool = False
+        shown: list[str] | None = None  # the first turn publishes: READY's line may predate the lease thread
         while True:
             now_leading = self.leadership.may_act()
             try:
@@ -181,11 +182,14 @@ class Daemon:
                 elif leading and not now_leading:
                     leading = False
                     await self._stand_down()
-                elif self.leadership.leader_name() != leader:
+                # Compared with what was current BEFORE publishing: a change racing the publication
+                # is published on the next turn.
+                current = self._role_status()
+                if current != shown:  # e.g. a standby learns who leads now
                     self._publish_status()
+                    shown = current
             except Exception:  # e.g. the database went away mid-resume: the next turn re-evaluates
                 log.exception("leadership change failed", extra={"leading": leading})
-            leader = self.leadership.leader_name()
             await asyncio.sleep(LEADERSHIP_POLL)
 
     async def _lead(self) -> None:

@@ -103,7 +103,8 @@ def _status(notify: NotifyListener) -> str:
 
 
 def _wait_role(notify: NotifyListener, prefix: str, timeout: float = 30) -> float:
-    wait_until(lambda: _status(notify).startswith(prefix), timeout=timeout, interval=0.02, what=f"STATUS {prefix}")
+    what = f"STATUS {prefix} (last: {_status(notify)!r})"
+    wait_until(lambda: _status(notify).startswith(prefix), timeout=timeout, interval=0.02, what=what)
     return time.monotonic()
 
 
