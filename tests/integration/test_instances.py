@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -286,3 +287,44 @@ def test_a_leader_cut_off_from_the_database_stops_acting_before_the_standby_take
         admin.dispose()
     _assert_rotated_once(pg_state, configs)
     assert "Fenced" not in (tmp_path / "b.log").read_text()
+
+
+def test_a_paused_leader_wakes_up_as_a_standby_and_never_acts_again(
+    tmp_path: Path, short_dirs: list[str], listeners: dict[str, NotifyListener], pg_state: str
+) -> None:
+    """SIGSTOP stands for a VM freeze or a long GC pause: the lease lapses while the process
+    cannot notice.  After SIGCONT its monotonic clock says its tenure is over: it must not run
+    the promotion its scheduler still holds, and it stands by."""
+    configs = _configs(
+        tmp_path, short_dirs, {"a": pg_state, "b": pg_state}, {'propagation = "10s"': 'propagation = "6s"'}
+    )
+    _seed(configs["a"])
+    a = DaemonProcess(configs["a"], tmp_path / "a.log", listeners["a"])
+    b: DaemonProcess | None = None
+    try:
+        a.wait_ready()
+        _wait_role(listeners["a"], "leader a")
+        b = DaemonProcess(configs["b"], tmp_path / "b.log", listeners["b"])
+        b.wait_ready()
+        _wait_role(listeners["b"], "standby b (leader: a)")
+        started = cli(configs["a"], "rotate", SECRET)
+        assert started.returncode == 0, started.stderr
+        a.signal(signal.SIGSTOP)
+        try:
+            _wait_role(listeners["b"], "leader b (epoch 2)", timeout=TTL + 10)
+        finally:
+            a.signal(signal.SIGCONT)
+        assert _rows(pg_state)[-1] == (2, "staged", "active"), "the promotion is still ahead (propagation 6s)"
+        wait_until(lambda: _status(listeners["a"]).startswith("standby a (leader: b)"), timeout=20, what="a standby")
+        wait_until(lambda: _rows(pg_state)[-1] == (2, "retired", "done"), timeout=30, interval=0.05, what="rotation 2")
+        assert _daemon_info(configs["a"])["role"] == "standby"
+        assert b.stop() == 0
+        assert a.stop() == 0
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+    _assert_rotated_once(pg_state, configs)
+    a_log = (tmp_path / "a.log").read_text()
+    assert "stopped acting: no longer the leader" in a_log
+    assert "rotation promoted" not in a_log and "rotation retired" not in a_log, "the paused leader acted"
