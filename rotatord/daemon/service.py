@@ -155,6 +155,8 @@ class Daemon:
             await self._stop_notifier()
             await self.control.close()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
+            while self._inflight:  # a resume or a control request still running a step
+                await asyncio.sleep(0.1)
             # Released only now that no step runs, so the standby taking over at once is safe.
             await self._loop.run_in_executor(None, self.leadership.stop)
             self.runtime.close()
