@@ -115,17 +115,20 @@ class Leadership:
         """The leader's instance name as last seen (this instance's own when it leads)."""
         if self.store is None or self.may_act():
             return self.instance
-        return self._leader
+        leader = self._leader
+        return None if leader == self.instance else leader  # our own lapsed tenure is nobody's
 
     def require_leader(self, what: str) -> None:
         """Raise NotLeader naming the leader unless this instance may act."""
         if self.may_act():
             return
-        leader = self._leader
-        where = f"the leader is instance {leader!r}" if leader else "no instance holds the lease right now"
-        raise NotLeader(
-            f"{what} refused: this instance ({self.instance!r}) is a standby; {where}: run the command there"
+        leader = self.leader_name()
+        where = (
+            f"the leader is instance {leader!r}: run the command there"
+            if leader
+            else "no instance holds the leader lease right now: retry in a few seconds"
         )
+        raise NotLeader(f"{what} refused: this instance ({self.instance!r}) is a standby; {where}")
 
     def check_write(self, dbapi_connection: Any) -> None:
         """The journal's write guard (see the module docstring).  Raises Fenced."""
