@@ -370,6 +370,9 @@ class Daemon:
                 old.socket_path,
             ):
                 raise ConfigError("daemon.state_dir, state_url and control_socket cannot change on reload; restart")
+            lease = ("instance", "lease_ttl", "lease_renew_every")
+            if any(getattr(new.daemon, k) != getattr(old, k) for k in lease):
+                raise ConfigError("daemon.instance_name, lease_ttl and lease_renew cannot change on reload; restart")
             assert self._loop is not None
             runtime = await self._loop.run_in_executor(
                 None,

@@ -27,7 +27,16 @@ from rotatord.daemon.runtime import build_runtime
 from rotatord.document import FernetRing
 from rotatord.engine.runner import CRASH_ENV
 from rotatord.timeutil import utcnow
-from tests.helpers import DaemonProcess, NotifyListener, assert_no_material, cli, materials, read_doc, wait_until
+from tests.helpers import (
+    DaemonProcess,
+    NotifyListener,
+    assert_no_material,
+    cli,
+    materials,
+    read_doc,
+    status_json,
+    wait_until,
+)
 from tests.integration.conftest import write_config
 from tests.servers.databases import database_url
 
@@ -166,6 +175,14 @@ def test_one_leader_the_other_stands_by_and_refuses_changes(
             refused = cli(configs["b"], *args)
             assert refused.returncode == 75, (args, refused.stdout, refused.stderr)
             assert "this instance ('b') is a standby; the leader is instance 'a'" in refused.stderr
+        # A reload keeps a standby standing by: it arms nothing and still refuses.
+        mark = len(listeners["b"].messages)
+        b.signal(signal.SIGHUP)
+        listeners["b"].wait_for("READY", "1", since=mark)
+        assert _status(listeners["b"]).startswith("standby b (leader: a)")
+        assert cli(configs["b"], "rotate", SECRET).returncode == 75
+        assert {s["scheduled_at"] for s in status_json(configs["b"]).values()} == {None}, "a standby schedules"
+        assert all(s["scheduled_at"] for s in status_json(configs["a"]).values()), "the leader schedules"
         assert b.stop() == 0
         # Offline, without its daemon, b still may not act while a holds the lease.
         offline = cli(configs["b"], "rotate", SECRET, "--offline")
