@@ -303,7 +303,10 @@ def test_a_leader_cut_off_from_the_database_stops_acting_before_the_standby_take
             b.kill()
         admin.dispose()
     _assert_rotated_once(pg_state, configs)
-    assert "Fenced" not in (tmp_path / "b.log").read_text()
+    a_log, b_log = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+    assert "rotation promoted" not in a_log and "rotation retired" not in a_log, "the cut-off leader acted"
+    assert "rotation promoted" in b_log and "rotation retired" in b_log
+    assert "Fenced" not in b_log
 
 
 def test_a_paused_leader_wakes_up_as_a_standby_and_never_acts_again(
