@@ -74,6 +74,7 @@ class Leadership:
         # we compete again only when they are equal.
         self._last_epoch: int | None = None
         self._drained_epoch: int | None = None
+        self._lock = threading.Lock()  # tenure transitions: renewal thread vs. the write guard
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -181,7 +182,8 @@ class Leadership:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.ttl)
-        tenure, self._tenure = self._tenure, None
+        with self._lock:
+            tenure, self._tenure = self._tenure, None
         if self.store is not None:
             if tenure is not None:
                 try:
@@ -215,8 +217,9 @@ class Leadership:
         if not renewed:
             self._lose(tenure, "the lease expired or was taken over")
             return 0.0
-        if self._tenure is tenure:
-            self._tenure = _Tenure(tenure.epoch, started + self.ttl - self.margin)
+        with self._lock:
+            if self._tenure is tenure:  # not lost meanwhile (the write guard may have seen a takeover)
+                self._tenure = _Tenure(tenure.epoch, started + self.ttl - self.margin)
         return self.renew_every
 
     def _compete_once(self) -> float:
@@ -243,14 +246,17 @@ class Leadership:
 
     def _take(self, epoch: int, started: float) -> None:
         self._last_epoch = epoch
-        self._tenure = _Tenure(epoch, started + self.ttl - self.margin)
+        with self._lock:
+            self._tenure = _Tenure(epoch, started + self.ttl - self.margin)
         self._leader = self.instance
 
     def _lose(self, tenure: _Tenure, why: str) -> None:
-        if self._tenure is tenure:
+        with self._lock:
+            if self._tenure is not tenure:
+                return
             self._tenure = None
             self._leader = None
-            log.warning("leader lease lost: this instance stopped acting", extra={"epoch": tenure.epoch, "why": why})
+        log.warning("leader lease lost: this instance stopped acting", extra={"epoch": tenure.epoch, "why": why})
 
 
 def _seconds(value: float) -> timedelta:
