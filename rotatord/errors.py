@@ -9,6 +9,7 @@ Subclasses follow what the operator does next, not where the error was raised::
     ├── DaemonNotRunning               start the daemon, or use --offline  (exit 69, EX_UNAVAILABLE)
     ├── LockHeld                       another instance owns this state    (exit 75, EX_TEMPFAIL)
     ├── ListenError                    free the address or configure another (exit 69, EX_UNAVAILABLE)
+    ├── NotLeader                      a standby: ask the leader it names  (exit 75)
     ├── BackendError                   check the secret backend
     │   ├── BackendUnavailable         transient: rotatord retries it      (exit 75)
     │   ├── PermissionDenied           grant the documented policy         (exit 77, EX_NOPERM)
@@ -24,6 +25,7 @@ Subclasses follow what the operator does next, not where the error was raised::
     │   ├── DriftDetected              someone else changed the secret: adopt it or rotate --emergency
     │   └── StepInterrupted            the daemon is stopping; the step resumes from its checkpoint
     ├── StateError                     the state database is unusable or inconsistent
+    │   └── Fenced                     this instance lost the leader lease; its write was refused
     ├── AuditError                     the audit log failed verification    (exit 65)
     ├── ControlError                   the control socket protocol was violated
     └── DecryptError                   a token could not be decrypted (never says which check failed)
@@ -48,7 +50,9 @@ __all__ = [
     "DocumentInvalid",
     "DriftDetected",
     "ListenError",
+    "Fenced",
     "LockHeld",
+    "NotLeader",
     "NotManaged",
     "PermissionDenied",
     "ReencryptionIncomplete",
@@ -106,6 +110,13 @@ class ListenError(RotatordError):
     """A configured listening address cannot be bound (in use, not local, not permitted)."""
 
     exit_code = 69
+
+
+class NotLeader(RotatordError):
+    """This instance is a standby; the message names the leader to ask instead."""
+
+    exit_code = 75
+    transient = True
 
 
 class BackendError(RotatordError):
@@ -168,6 +179,12 @@ class StepInterrupted(RotationError):
 
 class StateError(RotatordError):
     exit_code = 70
+
+
+class Fenced(StateError):
+    """A write by an instance that no longer holds the leader lease; it was rolled back."""
+
+    transient = True
 
 
 class AuditError(RotatordError):

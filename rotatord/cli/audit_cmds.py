@@ -7,6 +7,7 @@ import sys
 
 from ..audit import verify_file
 from ..engine.journal import Journal
+from ..engine.lease import audit_head
 from ..errors import StateError
 from .common import load
 from .output import emit_json, out
@@ -20,7 +21,7 @@ def audit(args: argparse.Namespace) -> int:
         raise StateError(f"no state at {settings.daemon.state_dir}: nothing to verify yet")
     journal = Journal(settings.daemon.database_url)
     journal.create()
-    report = verify_file(settings.daemon.audit_path, journal)
+    report = verify_file(settings.daemon.audit_path, audit_head(journal, settings.daemon.instance))
     if args.json:
         emit_json({"ok": report.ok, "records": report.records, "problems": report.problems})
     elif report.ok:

@@ -39,18 +39,30 @@ def rotate(args: argparse.Namespace) -> int:
     _check_reason(args.reason)
     actor = "cli:offline" if args.offline else "cli"
     if args.offline:
+        from ..daemon.leader import Leadership
         from ..daemon.lock import StateLock
         from ..daemon.runtime import build_runtime
         from ..engine.report import secret_status
 
         with StateLock(settings.daemon.state_dir):
-            runtime = build_runtime(settings)
+            # On a shared PostgreSQL state database the offline run must hold the leader lease too.
+            lead = Leadership.for_settings(settings.daemon)
             try:
-                now = utcnow()
-                runtime.engine.rotate(args.name, trigger=actor, emergency=args.emergency, reason=args.reason, now=now)
-                result = secret_status(runtime.engine, args.name, utcnow())
+                lead.acquire_now("rotate --offline")
+                lead.start()
+                runtime = build_runtime(settings)
+                if lead.multi:
+                    runtime.journal.guard_writes(lead.check_write)
+                try:
+                    now = utcnow()
+                    runtime.engine.rotate(
+                        args.name, trigger=actor, emergency=args.emergency, reason=args.reason, now=now
+                    )
+                    result = secret_status(runtime.engine, args.name, utcnow())
+                finally:
+                    runtime.close()
             finally:
-                runtime.close()
+                lead.stop()
     else:
         request = {"op": "rotate", "name": args.name, "emergency": args.emergency}
         if args.reason:
@@ -158,8 +170,12 @@ def status(args: argparse.Namespace) -> int:
         running = False
         rows = _offline(settings, lambda rt, n: secret_status(rt.engine, n, utcnow()), args.name)
     webhooks = _webhook_summary(settings) if running and settings.consumers else None
+    daemon: dict[str, Any] = {"running": running}
+    if running:
+        ping = call_daemon(settings.daemon.socket_path, {"op": "ping"})
+        daemon.update(role=ping.get("role", "single"), instance=ping.get("instance"), leader=ping.get("leader"))
     if args.json:
-        emit_json({"daemon": {"running": running}, "secrets": rows, "webhooks": webhooks})
+        emit_json({"daemon": daemon, "secrets": rows, "webhooks": webhooks})
         return 0
     now = utcnow()
     headers = ["SECRET", "KIND", "VERSION", "PHASE", "STATE", "ROTATED", "NEXT ROTATION", "NEXT STEP"]
@@ -209,6 +225,11 @@ def status(args: argparse.Namespace) -> int:
         out(line + (f"; failing: {', '.join(failing)}" if failing else ""))
     if not running:
         out("daemon: not running (read from the state database)")
+    elif daemon["role"] == "leader":
+        out(f"daemon: leader (instance {daemon['instance']})")
+    elif daemon["role"] == "standby":
+        leader = daemon["leader"]
+        out(f"daemon: standby (instance {daemon['instance']}); " + (f"leader: {leader}" if leader else "no leader"))
     return 0
 
 

@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,11 @@ def cross_check(settings: Settings) -> list[str]:
     :func:`load_settings` uses); an empty list means the settings are consistent.
     """
     problems: list[str] = []
+    daemon = settings.daemon
+    if daemon.lease_ttl < timedelta(seconds=2):
+        problems.append("daemon.lease_ttl: must be at least 2s")
+    elif daemon.lease_renew_every * 2 > daemon.lease_ttl or daemon.lease_renew_every <= timedelta(0):
+        problems.append("daemon.lease_renew: must be more than 0s and at most half of daemon.lease_ttl")
     for bname, backend in settings.backends.items():
         for ref in backend.credential_refs():
             if ref.file is not None and ref.credential is not None:

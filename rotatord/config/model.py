@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ BASE_DIR: ContextVar[Path | None] = ContextVar("rotatord_config_base_dir", defau
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 PATH_RE = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
 SOCKET_MODE_RE = r"^0?[0-7]{3}$"
+INSTANCE_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 TOKEN_PREFIX_RE = r"^[a-z][a-z0-9]{1,15}$"  # noqa: S105 - a pattern, not a password
 _V = TypeVar("_V")
 
@@ -155,6 +158,23 @@ class DaemonSettings(_Frozen):
         if value < timedelta(seconds=1):
             raise ValueError("must be at least 1s")
         return value
+
+    # Several instances on one PostgreSQL state database (rotatord.daemon.leader).
+    instance_name: Annotated[str, Field(pattern=INSTANCE_RE)] | None = None
+    lease_ttl: Duration = timedelta(seconds=15)
+    lease_renew: Duration | None = None
+
+    @property
+    def instance(self) -> str:
+        """This instance's name in the leader lease: ``instance_name``, else the host name."""
+        if self.instance_name:
+            return self.instance_name
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].lstrip("._-")
+        return host or "rotatord"
+
+    @property
+    def lease_renew_every(self) -> timedelta:
+        return self.lease_renew if self.lease_renew is not None else self.lease_ttl / 3
 
     @property
     def database_url(self) -> str:

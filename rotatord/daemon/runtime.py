@@ -13,6 +13,7 @@ from ..config import Settings
 from ..document import FernetRing
 from ..engine.gate import AckGate
 from ..engine.journal import Journal
+from ..engine.lease import audit_head, connect_args, supports_lease
 from ..engine.ledger import StoreLedger
 from ..engine.policy import RetryPolicy
 from ..engine.reencrypt import Reencryptor, serial_batch_rotator
@@ -72,9 +73,11 @@ def build_runtime(
     daemon = settings.daemon
     ensure_private_dir(daemon.state_dir)
     if journal is None:
-        journal = Journal(daemon.database_url)
+        # Named per instance on PostgreSQL (pg_stat_activity), where several instances share it.
+        named = connect_args(daemon.instance, "journal") if supports_lease(daemon.database_url) else None
+        journal = Journal(daemon.database_url, connect_args=named)
         journal.create()
-    audit = AuditLog(daemon.audit_path, journal)
+    audit = AuditLog(daemon.audit_path, audit_head(journal, daemon.instance))
     used = {s.backend for s in settings.secrets}
     backends = {name: open_backend(name, cfg) for name, cfg in settings.backends.items() if name in used}
     stores = open_stores(settings)

@@ -1,5 +1,10 @@
 """``rotatord run``: lock -> resume -> schedule -> serve -> wait for a signal.
 
+On a PostgreSQL state database several instances run: each serves its control socket at once,
+and only the one holding the leader lease (:mod:`.leader`) resumes, schedules and delivers
+webhooks; it stands down as soon as it may no longer act, and a standby that takes the lease
+over runs the same resume path a starting daemon does.
+
 The asyncio loop owns the control socket, signals and the watchdog; rotation steps run on the
 scheduler's worker threads (they block on backends and databases), so a slow backend never
 delays a watchdog ping.
@@ -14,12 +19,14 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings, check_references, load_settings
+from ..engine.lease import supports_lease
 from ..engine.policy import next_rotation_due
 from ..engine.report import census_report, history_report, secret_status
 from ..errors import ConfigError, RotatordError, UnknownSecret, UsageError
@@ -28,6 +35,7 @@ from ..schedule import JobScheduler
 from ..timeutil import Clock, SystemClock, format_ts, parse_ts
 from .control import ControlServer
 from .endpoint import HttpEndpoint, open_endpoint
+from .leader import Leadership, Role
 from .lock import StateLock
 from .protocol import Request
 from .reports import RevokedUseRecorder, handle_revoked_use, install
@@ -48,6 +56,9 @@ DRIFT_JOB = ":drift-check"
 DRIFT_FIRST_DELAY = timedelta(seconds=30)
 #: Where bots POST their reports of revoked credentials (on the metrics listener, loopback by default).
 REVOKED_USE_PATH = "/v1/revoked-use"
+LEADERSHIP_POLL = 0.2
+#: Control ops a standby refuses (naming the leader): they change state or act on stores.
+LEADER_OPS = frozenset({"rotate", "rollback", "reencrypt", "census", "webhooks.replay"})
 
 
 class Daemon:
@@ -56,7 +67,6 @@ class Daemon:
         config_path: Path,
         settings: Settings,
         clock: Clock | None = None,
-        role: Callable[[], str] | None = None,
     ) -> None:
         self.config_path = config_path
         self.settings = settings
@@ -76,10 +86,31 @@ class Daemon:
         self._notify_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
-        #: "single", or "leader" / "standby" with several instances (shown by metrics and /healthz).
-        self.role: Callable[[], str] = role or (lambda: "single")
         self.http: HttpEndpoint | None = None
         self._ready = False
+        self.leadership: Leadership | None = None
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+
+    def role(self) -> Role:
+        """``single`` (SQLite state), ``leader`` or ``standby`` (PostgreSQL state); thread-safe."""
+        if self.leadership is None:
+            return "standby" if supports_lease(self.settings.daemon.database_url) else "single"
+        return self.leadership.role()
+
+    def _may_act(self) -> bool:
+        return self.leadership is None or self.leadership.may_act()
+
+    @contextmanager
+    def _working(self) -> Iterator[None]:
+        """Counts work in flight, so a deposed leader knows when its last step has ended."""
+        with self._inflight_lock:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
 
     @property
     def runtime(self) -> Runtime:
@@ -95,19 +126,23 @@ class Daemon:
         lock = StateLock(daemon.state_dir)
         daemon.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock.acquire()
+        follow: asyncio.Future[None] | None = None
         try:
             # Bound first: an address in use stops the start before anything has been done.
-            # self.role is read at each call, so a role provider set after construction counts.
-            role = lambda: self.role()  # noqa: E731, PLW0108
-            self.http = await open_endpoint(daemon, runtime=lambda: self._runtime, role=role, phase=self._phase)
-            self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=lambda: self._stopping)
+            self.http = await open_endpoint(daemon, runtime=lambda: self._runtime, role=self.role, phase=self._phase)
+            self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=self._should_stop)
             self._observe()
             install(self._revoked_use_recorder)
             if self.http is not None:
                 # Bots report a revoked or retired credential still presented to them (rotatord.client).
                 self.http.server.add_route("POST", REVOKED_USE_PATH, handle_revoked_use)
-            self.notifier.status("resuming unfinished rotations")
-            resumed = await self._loop.run_in_executor(None, self._resume)
+            self.leadership = await self._loop.run_in_executor(None, Leadership.for_settings, daemon)
+            resumed = 0
+            if self.leadership.multi:
+                self.runtime.journal.guard_writes(self.leadership.check_write)
+            else:
+                self.notifier.status("resuming unfinished rotations")
+                resumed = await self._loop.run_in_executor(None, self._resume)
             fds = listen_fds()
             await self.control.start(
                 path=daemon.socket_path,
@@ -115,13 +150,16 @@ class Daemon:
                 group=daemon.socket_group,
                 inherited_fd=fds.get("control"),
             )
-            # Every job is armed before the scheduler starts: with 1,000 secrets due at once, the
-            # first runs would otherwise compete with the arming of the rest for the GIL.
-            self._arm_all(startup=True)
-            # The first sweep waits a little: reading every secret competes with the start-up
-            # (each step checks its own secret for drift before acting anyway).
-            self._arm_drift(self.clock.now() + min(self.settings.daemon.drift_check_interval, DRIFT_FIRST_DELAY))
-            self.scheduler.start()
+            if self.leadership.multi:
+                self.scheduler.start()
+                self.leadership.start()
+                follow = asyncio.ensure_future(self._follow_leadership())
+            else:
+                # Every job is armed before the scheduler starts: with 1,000 secrets due at once,
+                # the first runs would otherwise compete with the arming of the rest for the GIL.
+                self._arm_all(startup=True)
+                self._arm_drift_first()
+                self.scheduler.start()
             for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set)):
                 self._loop.add_signal_handler(sig, handler)
             self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
@@ -129,7 +167,13 @@ class Daemon:
             self._ready = True
             log.info(
                 "rotatord ready",
-                extra={"secrets": len(self.settings.secrets), "resumed": resumed, "socket": str(daemon.socket_path)},
+                extra={
+                    "secrets": len(self.settings.secrets),
+                    "resumed": resumed,
+                    "socket": str(daemon.socket_path),
+                    "role": self.role(),
+                    "instance": self.leadership.instance,
+                },
             )
             watchdog = asyncio.ensure_future(self._watchdog())
             sweep = asyncio.ensure_future(self._sweep())
@@ -140,10 +184,16 @@ class Daemon:
             log.info("stopping: waiting for steps in flight")
             watchdog.cancel()
             sweep.cancel()
+            if follow is not None:
+                follow.cancel()
             await self._stop_notifier()
             await self.control.close()
             await self._close_http()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
+            while self._inflight:  # a resume or a control request still running a step
+                await asyncio.sleep(0.1)
+            # Released only now that no step runs, so the standby taking over at once is safe.
+            await self._loop.run_in_executor(None, self.leadership.stop)
             install(None)
             self.runtime.close()
             log.info("stopped cleanly")
@@ -164,6 +214,66 @@ class Daemon:
         if self.http is not None:
             await self.http.close()
 
+    # -- leadership (PostgreSQL state only) ---------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        return self._stopping or not self._may_act()
+
+    async def _follow_leadership(self) -> None:
+        """Act on role changes: lead when the lease is won, stand down the moment it may not act."""
+        assert self.leadership is not None
+        leading: bool = False
+        shown: list[str] | None = None  # the first turn publishes: READY's line may predate the lease thread
+        while True:
+            now_leading = self.leadership.may_act()
+            try:
+                if now_leading and not leading:
+                    await self._lead()  # when it fails, the next turn tries again (resuming is idempotent)
+                    leading = True
+                elif leading and not now_leading:
+                    leading = False
+                    await self._stand_down()
+                # Compared with what was current BEFORE publishing: a change racing the publication
+                # is published on the next turn.
+                current = self._role_status()
+                if current != shown:  # e.g. a standby learns who leads now
+                    self._publish_status()
+                    shown = current
+            except Exception:  # e.g. the database went away mid-resume: the next turn re-evaluates
+                log.exception("leadership change failed", extra={"leading": leading})
+            await asyncio.sleep(LEADERSHIP_POLL)
+
+    async def _lead(self) -> None:
+        """Took the lease: the same resume path as a starting daemon, then schedule and notify."""
+        assert self._loop is not None and self.leadership is not None
+        self.notifier.status(f"leader (epoch {self.leadership.epoch}): resuming unfinished rotations")
+        resumed = await self._loop.run_in_executor(None, self._resume)
+        self._arm_all(startup=True)
+        self._arm_drift_first()
+        await self._stop_notifier()  # none, unless an earlier attempt failed after starting it
+        self._start_notifier()
+        log.info("leading", extra={"epoch": self.leadership.epoch, "resumed": resumed})
+        self._publish_status()
+
+    async def _stand_down(self) -> None:
+        """Lost the lease (or may lose it): stop scheduling and notifying, wait for steps in flight."""
+        assert self.leadership is not None
+        for key in self.scheduler.job_ids():
+            self.scheduler.disarm(key)
+        log.warning(
+            "stopped acting: no longer the leader; scheduler paused", extra={"instance": self.leadership.instance}
+        )
+        self._publish_status()
+        try:
+            await self._stop_notifier()
+        except Exception:  # a delivery cut off by the fence must not stop the standing down
+            log.exception("webhook worker failed while standing down")
+            self._notify_task = None
+        while self._inflight:  # their journal writes are refused by the fence meanwhile
+            await asyncio.sleep(0.1)
+        self.leadership.drained()
+        log.info("standing by: work of the last tenure drained")
+
     # -- scheduling ------------------------------------------------------------------------
 
     def _resume(self) -> int:
@@ -178,6 +288,8 @@ class Daemon:
         return len(active)
 
     def _arm_all(self, startup: bool) -> None:
+        if not self._may_act():
+            return
         engine = self.runtime.engine
         now = self.clock.now()
         jitter = self.settings.daemon.startup_jitter.total_seconds()
@@ -195,11 +307,16 @@ class Daemon:
             self._arm(name, when)
 
     def _arm(self, name: str, when: datetime) -> None:
-        if not self._stopping:
+        if not self._stopping and self._may_act():
             self.scheduler.arm(name, when, lambda: self._tick(name))
 
+    def _arm_drift_first(self) -> None:
+        """The first sweep waits a little: reading every secret competes with the start-up (and
+        each step checks its own secret for drift before acting anyway)."""
+        self._arm_drift(self.clock.now() + min(self.settings.daemon.drift_check_interval, DRIFT_FIRST_DELAY))
+
     def _arm_drift(self, when: datetime) -> None:
-        if not self._stopping:
+        if not self._stopping and self._may_act():
             self.scheduler.arm(DRIFT_JOB, when, self._drift_sweep)
 
     def _drift_sweep(self) -> None:
@@ -218,8 +335,12 @@ class Daemon:
         self._arm_drift(self.clock.now() + self.settings.daemon.drift_check_interval)
 
     def _tick(self, name: str, rearm: bool = True) -> None:
+        with self._working():
+            self._tick_working(name, rearm)
+
+    def _tick_working(self, name: str, rearm: bool) -> None:
         engine = self.runtime.engine
-        if name not in engine.secrets:
+        if name not in engine.secrets or not self._may_act():
             return
         with self._ticking_lock:
             self._ticking.add(name)
@@ -258,6 +379,8 @@ class Daemon:
             self.scheduler.wakeup()
 
     def _rearm_missing(self) -> None:
+        if self.leadership is None or not self.leadership.may_act():
+            return  # a standby schedules nothing; a new leader arms everything when it takes over
         engine = self.runtime.engine
         armed = set(self.scheduler.job_ids())
         with self._ticking_lock:
@@ -292,7 +415,7 @@ class Daemon:
 
     def _start_notifier(self) -> None:
         notifier = self.runtime.notifier
-        if notifier is None:
+        if notifier is None or not self._may_act():
             return
         self._notify_stop = asyncio.Event()
         self._notify_task = asyncio.ensure_future(notifier.run(self._notify_stop, self._notify_wake))
@@ -315,11 +438,18 @@ class Daemon:
     def _status_line(self) -> str:
         engine = self.runtime.engine
         now = self.clock.now()
-        active = [r for r in engine.journal.all_active() if r.secret in engine.secrets]
+        role = self._role_status()
+        try:
+            active = [r for r in engine.journal.all_active() if r.secret in engine.secrets]
+        except RotatordError as exc:
+            if not role:
+                raise
+            # With a shared database an outage is an expected state: say so, keep the role visible.
+            return "; ".join([*role, f"state database unreachable ({exc})"])
         failing = [r for r in active if r.error]
         runs = self.scheduler.next_runs()
         upcoming = sorted((runs.get(n) or now, n) for n in engine.secrets)
-        parts = [f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
+        parts = [*role, f"{len(engine.secrets)} secrets", f"{len(active)} rotating"]
         drifted = sorted({d.secret for d in engine.journal.drift_all() if d.secret in engine.secrets})
         if drifted:
             parts.append(f"{len(drifted)} drifted, paused ({', '.join(drifted[:3])})")
@@ -329,6 +459,14 @@ class Daemon:
             when, name = upcoming[0]
             parts.append(f"next: {name} at {format_ts(when)}")
         return "; ".join(parts)
+
+    def _role_status(self) -> list[str]:
+        lead = self.leadership
+        if lead is None or not lead.multi:
+            return []
+        if lead.may_act():
+            return [f"leader {lead.instance} (epoch {lead.epoch})"]
+        return [f"standby {lead.instance} (leader: {lead.leader_name() or 'none'})"]
 
     async def _watchdog(self) -> None:
         period = watchdog_period()
@@ -355,11 +493,14 @@ class Daemon:
                 raise ConfigError("daemon.state_dir, state_url and control_socket cannot change on reload; restart")
             if new.daemon.metrics != old.metrics:
                 raise ConfigError("daemon.metrics cannot change on reload; restart")
+            lease = ("instance", "lease_ttl", "lease_renew_every")
+            if any(getattr(new.daemon, k) != getattr(old, k) for k in lease):
+                raise ConfigError("daemon.instance_name, lease_ttl and lease_renew cannot change on reload; restart")
             assert self._loop is not None
             runtime = await self._loop.run_in_executor(
                 None,
                 lambda: build_runtime(
-                    new, journal=self.runtime.journal, locks=self._locks, should_stop=lambda: self._stopping
+                    new, journal=self.runtime.journal, locks=self._locks, should_stop=self._should_stop
                 ),
             )
         except ConfigError as exc:
@@ -381,12 +522,21 @@ class Daemon:
     async def _handle(self, request: Request, actor: str) -> Any:
         assert self._loop is not None
         if request.op == "ping":
-            return {"pid": os.getpid(), "secrets": len(self.runtime.engine.secrets)}
+            lead = self.leadership
+            return {
+                "pid": os.getpid(),
+                "secrets": len(self.runtime.engine.secrets),
+                "role": self.role(),
+                "instance": lead.instance if lead is not None else None,
+                "leader": lead.leader_name() if lead is not None else None,
+            }
+        if request.op in LEADER_OPS and self.leadership is not None:
+            self.leadership.require_leader(request.op)
         if request.op == "reload":
             await self._reload()
             return {"reloaded": True}
         if request.op in ("webhooks.list", "webhooks.replay"):
-            return await self._loop.run_in_executor(None, self._webhooks, request)
+            return await self._loop.run_in_executor(None, self._webhooks_guarded, request)
         if request.op == "report.revoked_use":
             recorder = self._revoked_use_recorder()
             assert recorder is not None  # the control socket serves only while the runtime exists
@@ -394,6 +544,14 @@ class Daemon:
         return await self._loop.run_in_executor(None, self._handle_blocking, request, actor)
 
     def _handle_blocking(self, request: Request, actor: str) -> Any:
+        if request.op not in LEADER_OPS:
+            return self._handle_working(request, actor)
+        with self._working():
+            if self.leadership is not None:
+                self.leadership.require_leader(request.op)  # again: the role may have changed meanwhile
+            return self._handle_working(request, actor)
+
+    def _handle_working(self, request: Request, actor: str) -> Any:
         engine = self.runtime.engine
         now = self.clock.now()
         if request.op == "status":
@@ -425,6 +583,14 @@ class Daemon:
         self._arm(request.name, engine.next_due(request.name, now) if not rot.active else now)
         self._tick(request.name)
         return self._status_of(request.name, self.clock.now())
+
+    def _webhooks_guarded(self, request: Request) -> Any:
+        if request.op not in LEADER_OPS:
+            return self._webhooks(request)
+        with self._working():
+            if self.leadership is not None:
+                self.leadership.require_leader(request.op)
+            return self._webhooks(request)
 
     def _webhooks(self, request: Request) -> Any:
         notifier = self.runtime.notifier

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["Journal", "RotationRow", "StepRow"]
 
 ACTIVE = "active"
+_CHECKED = "rotatord_write_checked"
+_WRITE_RE = re.compile(r"\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -195,10 +198,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class Journal:
     """Typed access to the state database.  Thread-safe; every method is one transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, connect_args: Mapping[str, Any] | None = None) -> None:
         self.url = url
         try:
-            self._engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+            self._engine: Engine = create_engine(
+                url, future=True, pool_pre_ping=True, connect_args=dict(connect_args or {})
+            )
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise StateError(f"state database URL is unusable: {type(exc).__name__}") from None
         if self._engine.dialect.name == "sqlite":
@@ -216,12 +221,39 @@ class Journal:
         from . import drift_store, ledger, revoked_use  # noqa: F401 - register their tables on the shared metadata
 
         try:
-            metadata.create_all(self._engine)
+            with self._engine.begin() as conn:
+                if self._engine.dialect.name == "postgresql":
+                    # Instances starting together would collide in CREATE TABLE IF NOT EXISTS.
+                    conn.execute(select(func.pg_advisory_xact_lock(7271016)))
+                metadata.create_all(conn)
         except SQLAlchemyError as exc:
             raise StateError(f"cannot initialise the state database: {_describe(exc)}") from None
 
     def close(self) -> None:
         self._engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    def guard_writes(self, check: Callable[[Any], None]) -> None:
+        """Call ``check(dbapi_connection)`` before the first write of every transaction.
+
+        ``check`` runs inside that transaction (the leader's fencing: rotatord.daemon.leader);
+        whatever it raises aborts the statement and rolls the transaction back, and reaches the
+        caller unchanged.  Reads are never checked, so a standby still answers ``status``.
+        """
+
+        def before(conn: Connection, cursor: Any, statement: str, *_args: Any) -> None:
+            if not conn.info.get(_CHECKED) and _WRITE_RE.match(statement):
+                check(cursor.connection)
+                conn.info[_CHECKED] = True
+
+        def begin(conn: Connection) -> None:
+            conn.info.pop(_CHECKED, None)
+
+        event.listen(self._engine, "begin", begin)
+        event.listen(self._engine, "before_cursor_execute", before)
 
     def transaction(self) -> AbstractContextManager[Connection]:
         """One transaction, for the modules that keep their own tables here (engine.ledger)."""

@@ -5,7 +5,8 @@ for ``postgres`` and a database ``test``; 127.0.0.1:3306 as ``root`` without pas
 ``test``; 127.0.0.1:6379), else starts a private instance from the installed binaries in a
 temporary directory on a free port, and stops it by PID at the end of the session.  Set
 ``ROTATORD_TEST_PRIVATE_SERVERS=1`` to always start private instances.  Tests isolate
-themselves with their own table names and key prefixes; nothing here is ever dropped wholesale.
+themselves with their own table names and key prefixes; nothing here is ever dropped wholesale,
+except the database ``pg_state`` creates for one test.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.servers import free_port, require
 
@@ -272,3 +275,28 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         _stop(proc)
+
+
+# -- a fresh PostgreSQL database per test (the state database of several daemon instances) ---
+
+
+def database_url(server_url: str, name: str, user: str | None = None) -> str:
+    url = sa.engine.make_url(server_url).set(database=name)
+    if user is not None:
+        url = url.set(username=user)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def pg_state(postgres_url: str) -> Iterator[str]:
+    """The URL of a database created for this test (and dropped after it, sessions and all)."""
+    name = f"rtd_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield database_url(postgres_url, name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
