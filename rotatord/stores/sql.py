@@ -278,10 +278,10 @@ class SqlStore(DataStore):
 
     def _write(self, handles: list[Handle], news: list[bytes]) -> int:
         shape = self._prepare()
-        by_column: dict[int, list[list[Any]]] = {}
+        by_column: dict[int, list[tuple[Any, ...]]] = {}
         for (key, index, old), new in zip(handles, news, strict=True):
             # The new token keeps the type of the value read: text stays text, bytes stay bytes.
-            by_column.setdefault(index, []).append([*key, old, new.decode("ascii") if isinstance(old, str) else new])
+            by_column.setdefault(index, []).append((*key, old, new.decode("ascii") if isinstance(old, str) else new))
         written = 0
         with self._errors("cannot write"), self._open().begin() as conn:
             for index, rows in sorted(by_column.items()):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -28,8 +29,8 @@ Processor = Callable[[Any], Any]
 
 
 class CasUpdate(Protocol):
-    def run(self, conn: sa.Connection, rows: list[list[Any]]) -> int:
-        """Apply ``rows`` (each ``[*key, old, new]``, modified in place); the number written."""
+    def run(self, conn: sa.Connection, rows: Sequence[Sequence[Any]]) -> int:
+        """Apply ``rows`` (each ``(*key, old, new)``); the number written."""
 
 
 def _processors(dialect: sa.Dialect, columns: Sequence[sa.Column[Any]]) -> tuple[tuple[int, Processor], ...]:
@@ -41,10 +42,15 @@ def _processors(dialect: sa.Dialect, columns: Sequence[sa.Column[Any]]) -> tuple
     return tuple(found)
 
 
-def _process(processors: tuple[tuple[int, Processor], ...], rows: list[list[Any]]) -> None:
+def _process(processors: tuple[tuple[int, Processor], ...], rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+    """``rows`` with each column's bind processor applied (the same rows when there is none)."""
+    if not processors:
+        return rows
+    out = [list(row) for row in rows]
     for index, processor in processors:
-        for row in rows:
+        for row in out:
             row[index] = processor(row[index])
+    return out
 
 
 @dataclass(frozen=True)
@@ -55,14 +61,15 @@ class _ExecuteMany:
     names: tuple[str, ...] | None  # None: positional parameters
     processors: tuple[tuple[int, Processor], ...]
 
-    def run(self, conn: sa.Connection, rows: list[list[Any]]) -> int:
-        _process(self.processors, rows)
-        order = self.order
+    def run(self, conn: sa.Connection, rows: Sequence[Sequence[Any]]) -> int:
+        rows = _process(self.processors, rows)
+        # itemgetter picks the driver's parameter order in C: this runs once per re-encrypted row.
+        pick = itemgetter(*self.order)
         if self.names is None:
-            params: list[Any] = [tuple(row[i] for i in order) for row in rows]
+            params: list[Any] = list(map(pick, rows))
         else:
             names = self.names
-            params = [dict(zip(names, (row[i] for i in order), strict=True)) for row in rows]
+            params = [dict(zip(names, pick(row), strict=True)) for row in rows]
         return conn.exec_driver_sql(self.sql, params).rowcount
 
 
@@ -96,8 +103,8 @@ class _PostgresArrays:
     names: tuple[str, ...]
     processors: tuple[tuple[int, Processor], ...]
 
-    def run(self, conn: sa.Connection, rows: list[list[Any]]) -> int:
-        _process(self.processors, rows)
+    def run(self, conn: sa.Connection, rows: Sequence[Sequence[Any]]) -> int:
+        rows = _process(self.processors, rows)
         params = {name: [row[i] for row in rows] for i, name in enumerate(self.names)}
         return conn.exec_driver_sql(self.sql, params).rowcount
 

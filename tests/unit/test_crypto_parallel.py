@@ -200,13 +200,13 @@ def test_a_dead_worker_fails_the_batch_and_the_pool_is_rebuilt(keys: Ring) -> No
     with BatchRotator(keys.ring, 2, min_parallel=1) as rotator:
         tokens, expected = mixed(keys, 40)
         rotator(tokens)
-        pool = rotator._pool
-        assert pool is not None
-        for pid in list(pool._processes):  # the workers this test started
+        pids = rotator.worker_pids()
+        assert len(pids) == 2
+        for pid in pids:  # the workers this test started
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         with pytest.raises(RotationError, match="worker"):
-            while time.monotonic() < deadline:  # the pool notices the death asynchronously
+            while time.monotonic() < deadline:  # the death is noticed asynchronously
                 rotator(tokens)
                 time.sleep(0.05)
         assert not rotator.started
@@ -229,7 +229,7 @@ if __name__ == "__main__":  # spawned workers re-import this file
     rotator = BatchRotator(ring, processes=2, min_parallel=1)
     tokens = [Fernet(key).encrypt(b"x") for _ in range(256)]
     assert all(rotator(tokens))
-    print(" ".join(str(pid) for pid in rotator._pool._processes), flush=True)
+    print(" ".join(str(pid) for pid in rotator.worker_pids()), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
