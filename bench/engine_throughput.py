@@ -52,7 +52,7 @@ def _rotate_all(
         engine = runtime.engine
         try:
             for spec in specs:  # creation, untimed
-                row = engine.rotate(spec.name, trigger="bench", emergency=True, reason=None, now=utcnow())
+                row = engine.rotate(spec.name, trigger="bench", emergency=True, reason="bench", now=utcnow())
                 assert (row.version, row.status) == (1, "done"), (spec.name, row.version, row.status)
             latencies: list[float] = []
             cpu_start = time.process_time()
@@ -61,7 +61,7 @@ def _rotate_all(
                     if profiler is not None:
                         profiler.enable()
                     start = time.perf_counter()
-                    row = engine.rotate(spec.name, trigger="bench", emergency=True, reason=None, now=utcnow())
+                    row = engine.rotate(spec.name, trigger="bench", emergency=True, reason="bench", now=utcnow())
                     latencies.append(time.perf_counter() - start)
                     if profiler is not None:
                         profiler.disable()

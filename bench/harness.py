@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
 import sqlite3
 import statistics
 import tempfile
@@ -41,6 +42,13 @@ __all__ = [
 ]
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,8 @@ class Workspace:
             'startup_jitter = "0s"\n'
             'step_retry_initial = "5s"\n'
             'step_retry_max = "10m"\n'
-            'metrics = "off"\n\n'
+            # The shipped default serves metrics; a free loopback port keeps runs apart.
+            f'metrics = "127.0.0.1:{_free_port()}"\n\n'
             "[backends.local]\n"
             'kind = "file"\n'
             f'directory = "{self.root / "secrets"}"\n'
