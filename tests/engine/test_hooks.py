@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -422,3 +423,29 @@ def test_drift_detection_fires_each_hook_once_per_observation(
     drift("8")
     assert len(list(out.glob("*.json"))) == 2
     assert [row[1:] for row in hook_rows(h)] == [("drift", "done", 1), ("drift", "done", 1)]
+
+
+def test_a_real_drift_detection_runs_the_drift_hooks_once(
+    make_harness: HarnessFactory, tmp_path: Path, out: Path
+) -> None:
+    """Drift found by the engine (a version written by hand) runs the secret's drift hooks with
+    the drift event; looking again at the same open drift runs nothing more."""
+    program = script(tmp_path, "record.py", RECORD)
+    h = make_harness(fernet_secret(hooks=(hook(program, out, "drift"),)))
+    rt = h.build()
+    rt.engine.tick(FERNET, T0)
+    path = h.secret(FERNET).path
+    current = h.reader.read(path)
+    assert current is not None
+    changed = replace(current.document, updated_at=current.document.updated_at + timedelta(seconds=1))
+    theirs = h.reader.write(path, changed, expected=current.version, request_id="intruder")
+
+    record = rt.engine.check_drift(FERNET, T0 + timedelta(seconds=1))
+    assert record is not None and record.reason == "version_changed"
+    runs = list(records(out).values())
+    assert len(runs) == 1
+    event = json.loads(runs[0]["stdin"])
+    assert event["phase"] == "drift" and event["secret"] == FERNET
+    assert event["detail"]["reason"] == "version_changed" and event["backend_version"] == theirs
+    assert rt.engine.check_drift(FERNET, T0 + timedelta(seconds=2)) is not None  # still open
+    assert len(records(out)) == 1
