@@ -322,11 +322,16 @@ class Daemon:
     def _drift_sweep(self) -> None:
         """Compare every managed secret with its baseline; one failing backend does not stop the rest."""
         engine = self.runtime.engine
+        try:
+            snapshot = engine.drift.snapshot()
+        except RotatordError as exc:
+            log.warning("drift sweep skipped: the state database cannot be read", extra={"error": str(exc)})
+            snapshot = None
         for name in list(engine.secrets):
             if self._stopping:
                 return
             try:
-                engine.check_drift(name, self.clock.now())
+                engine.check_drift(name, self.clock.now(), snapshot)
             except RotatordError as exc:
                 log.warning("drift check failed; tried again next time", extra={"secret": name, "error": str(exc)})
             except Exception:

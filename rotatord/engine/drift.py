@@ -70,6 +70,14 @@ def compare(base: Baseline, seen: Observed | None) -> list[Finding]:
     return out
 
 
+@dataclass(frozen=True)
+class DriftSnapshot:
+    """Open drift (by secret) and baselines, read in two queries at the start of a sweep."""
+
+    open: frozenset[str]
+    baselines: dict[str, Baseline]
+
+
 class DriftGuard:
     """Detects, records and resolves drift for the engine (which holds the per-secret lock)."""
 
@@ -115,6 +123,20 @@ class DriftGuard:
         if not findings:
             return None
         return self._report(secret, base, seen, findings, latest, now)
+
+    def snapshot(self) -> DriftSnapshot:
+        """What the periodic sweep compares against first: every baseline and open drift."""
+        return DriftSnapshot(frozenset(r.secret for r in self.ledger.all_open()), self.ledger.all_baselines())
+
+    def unchanged(self, secret: SecretSettings, backend: Backend, snap: DriftSnapshot) -> bool:
+        """True when the backend holds exactly the baseline of ``snap`` and no drift was open:
+        the sweep's fast path (no query per secret).  False means "look properly" with
+        :meth:`check`: a baseline that moved since the snapshot is then read afresh, so a write
+        rotatord made meanwhile is never mistaken for drift."""
+        base = snap.baselines.get(secret.name)
+        if base is None or secret.name in snap.open:
+            return False
+        return not compare(base, backend.observe(secret.path))
 
     def paused(self, record: DriftRecord) -> None:
         """Log once per drift record that a scheduled rotation was skipped because of it."""

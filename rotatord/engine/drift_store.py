@@ -112,19 +112,13 @@ class DriftLedger:
     def baseline(self, secret: str) -> Baseline | None:
         with self.journal.transaction() as conn:
             row = conn.execute(select(baselines).where(baselines.c.secret == secret)).first()
-        if row is None:
-            return None
-        m = row._mapping
-        return Baseline(
-            secret=m["secret"],
-            version=m["version"],
-            digest=m["digest"],
-            marked=bool(m["marked"]),
-            labels=json.loads(m["labels"]) if m["labels"] is not None else None,
-            deleted=frozenset(json.loads(m["deleted"])),
-            source=m["source"],
-            recorded_at=m["recorded_at"],
-        )
+        return None if row is None else _baseline(row)
+
+    def all_baselines(self) -> dict[str, Baseline]:
+        """Every secret's baseline, in one query (the periodic sweep's first look)."""
+        with self.journal.transaction() as conn:
+            rows = conn.execute(select(baselines)).all()
+        return {b.secret: b for b in map(_baseline, rows)}
 
     def set_baseline(
         self, secret: str, seen: Observed, source: str, now: datetime, *, resolve: tuple[str, str] | None = None
@@ -217,6 +211,20 @@ def _resolve(conn: Connection, secret: str, now: datetime, actor: str, resolutio
         update(drift)
         .where(drift.c.secret == secret, drift.c.resolved_at.is_(None))
         .values(resolved_at=now, resolved_by=actor[:128], resolution=resolution)
+    )
+
+
+def _baseline(row: Any) -> Baseline:
+    m = row._mapping
+    return Baseline(
+        secret=m["secret"],
+        version=m["version"],
+        digest=m["digest"],
+        marked=bool(m["marked"]),
+        labels=json.loads(m["labels"]) if m["labels"] is not None else None,
+        deleted=frozenset(json.loads(m["deleted"])),
+        source=m["source"],
+        recorded_at=m["recorded_at"],
     )
 
 

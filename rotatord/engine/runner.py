@@ -36,7 +36,7 @@ from ..errors import (
 from ..interfaces import Backend, Census, DataStore, Event
 from ..timeutil import utcnow
 from . import transitions as t
-from .drift import DriftGuard
+from .drift import DriftGuard, DriftSnapshot
 from .drift_store import DriftRecord
 from .emergency import EmergencyReports
 from .gate import AckGate
@@ -295,19 +295,24 @@ class Engine:
             values.append(previous.value.reveal())
         return values
 
-    def check_drift(self, name: str, now: datetime) -> DriftRecord | None:
+    def check_drift(self, name: str, now: datetime, snapshot: DriftSnapshot | None = None) -> DriftRecord | None:
         """The periodic check: compare ``name``'s backend with its baseline now (see engine.drift).
         Returns its open drift, or None.  Raises what the backend raises.
 
         A secret whose lock is held (a step running, perhaps a long re-encryption) is not
-        waited for: that step checked before it acted, and its next one checks again.
+        waited for: that step checked before it acted, and its next one checks again.  With a
+        ``snapshot`` (:meth:`DriftGuard.snapshot`, taken once per sweep), a secret whose backend
+        still matches it costs no query.
         """
         secret = self.setting(name)
         lock = self._locks[name]
         if not lock.acquire(blocking=False):
             return self.drift.ledger.open_drift(name)
         try:
-            return self.drift.check(secret, self.backends[secret.backend], now)
+            backend = self.backends[secret.backend]
+            if snapshot is not None and self.drift.unchanged(secret, backend, snapshot):
+                return None
+            return self.drift.check(secret, backend, now)
         finally:
             lock.release()
 

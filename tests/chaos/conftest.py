@@ -16,7 +16,9 @@ SQL store, a consumer bot behind a real webhook receiver, and the checks every c
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -86,6 +88,10 @@ class World:
     expected: dict[int, bytes] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     texts: list[str] = field(default_factory=list)
+    #: A PostgreSQL state database shared by several instances (None: the SQLite file under var/).
+    state_url: str | None = None
+    #: Further instances' configs (the failover case); their audit logs and logs are checked too.
+    others: list[Path] = field(default_factory=list)
 
     @property
     def state_db(self) -> Path:
@@ -93,10 +99,13 @@ class World:
 
     @property
     def log(self) -> Path:
-        return self.tmp / "daemon.log"
+        return self.config.parent / "daemon.log"
 
-    def daemon(self, env: dict[str, str] | None = None) -> DaemonProcess:
-        return DaemonProcess(self.config, self.log, self.notify, env=env)
+    def daemon(
+        self, env: dict[str, str] | None = None, config: Path | None = None, notify: NotifyListener | None = None
+    ) -> DaemonProcess:
+        config = config or self.config
+        return DaemonProcess(config, config.parent / "daemon.log", notify or self.notify, env=env)
 
     def cli(self, *args: str, timeout: float = 30) -> Any:
         result = cli(self.config, *args, timeout=timeout)
@@ -127,8 +136,17 @@ class World:
                 close()
 
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.state_db) as conn:
-            return conn.execute(sql, params).fetchall()
+        if self.state_url is None:
+            with sqlite3.connect(self.state_db) as conn:
+                return conn.execute(sql, params).fetchall()
+        parts = sql.split("?")
+        named = parts[0] + "".join(f":p{i}{rest}" for i, rest in enumerate(parts[1:]))
+        engine = sa.create_engine(self.state_url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(sa.text(named), {f"p{i}": v for i, v in enumerate(params)})]
+        finally:
+            engine.dispose()
 
     def rotations(self) -> list[tuple[int, str, str]]:
         return [
@@ -211,7 +229,11 @@ class World:
         assert all(state == "done" for _, state, _ in steps)
         # v1 created; v2 staged, promoted, retired: one backend version per writing step, none twice.
         assert len(self.history()) == 4, self.history()
-        audit = [json.loads(line) for line in (self.config.parent / "var" / "audit.log").read_text().splitlines()]
+        audit = [
+            json.loads(line)
+            for config in (self.config, *self.others)
+            for line in (config.parent / "var" / "audit.log").read_text().splitlines()
+        ]
         mine = [a for a in audit if a.get("secret") == NAME and a.get("version") == 2]
         for name, _, request_id in steps:
             phase = {"stage": "staged", "promote": "promoted", "reencrypt": "reencrypted", "retire": "retired"}[name]
@@ -234,12 +256,16 @@ class World:
         for r in received:
             by_id.setdefault(r.webhook_id, set()).add(json.loads(r.body)["type"])
         assert all(len(types) == 1 for types in by_id.values()), by_id
-        verify = self.cli("audit", "verify")
-        assert verify.returncode == 0, verify.stdout + verify.stderr
-        var = self.config.parent / "var"
+        files: list[Path] = []
+        for config in (self.config, *self.others):
+            verify = cli(config, "audit", "verify")
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+            var = config.parent / "var"
+            files += [config.parent / "daemon.log", var / "audit.log"]
+            files += [var / "state.db", var / "state.db-wal"] if self.state_url is None else []
         assert_no_material(
             self.seen,
-            files=[self.log, var / "state.db", var / "state.db-wal", var / "audit.log"],
+            files=[f for f in files if f.exists()],
             texts=[*self.texts, *(r.body.decode() for r in self.receivers.all_requests())],
         )
 
@@ -252,6 +278,7 @@ def world(tmp_path: Path, socket_dir: str) -> Iterator[WorldFactory]:
     """Builds the world once per test: ``world(receivers, backend=..., engine_url=...)``."""
     built: list[World] = []
     notify = NotifyListener()
+    sockets: list[str] = []
 
     def build(
         receivers: ReceiverServer,
@@ -263,7 +290,10 @@ def world(tmp_path: Path, socket_dir: str) -> Iterator[WorldFactory]:
         grace: str = "1s",
         propagation: str = "1s",
         replacements: dict[str, str] | None = None,
+        state_url: str | None = None,
     ) -> World:
+        """``state_url``: a PostgreSQL state database shared by two instances, "a" (the world's
+        config) and "b" (``World.others[0]``), with one file backend and a 3 s lease."""
         url = store_url or f"sqlite:///{tmp_path / 'bot.db'}"
         # pool_pre_ping: the bot's own connections survive a test dropping the store's connections.
         engine = sa.create_engine(url, pool_pre_ping=True)
@@ -280,22 +310,38 @@ def world(tmp_path: Path, socket_dir: str) -> Iterator[WorldFactory]:
             table=table,
             store_extra=store_extra,
         )
-        config = write_config(
-            tmp_path,
-            socket_dir,
-            {
-                "allow = []": 'allow = ["127.0.0.1/32"]',
-                'retry_schedule = ["0s", "5s", "5m", "30m", "2h", "5h", "10h", "10h"]': (
-                    'retry_schedule = ["0s", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]'
-                ),
-                'step_retry_max = "10m"': 'step_retry_max = "2s"',
-                **(replacements or {}),
-            },
-            extra=extra,
-        )
+        common = {
+            "allow = []": 'allow = ["127.0.0.1/32"]',
+            'retry_schedule = ["0s", "5s", "5m", "30m", "2h", "5h", "10h", "10h"]': (
+                'retry_schedule = ["0s", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]'
+            ),
+            'step_retry_max = "10m"': 'step_retry_max = "2s"',
+            **(replacements or {}),
+        }
+
+        def instance(name: str) -> dict[str, str]:
+            if state_url is None:
+                return {}
+            shared = tmp_path / "shared"
+            return {
+                '# state_url = "postgresql+psycopg://rotatord@db.internal/rotatord"': f'state_url = "{state_url}"',
+                '# instance_name = "rotatord-a"': f'instance_name = "{name}" #',
+                '# lease_ttl = "15s"': 'lease_ttl = "3s" #',
+                'directory = "var/secrets"': f'directory = "{shared}/secrets"',
+                'master_key_file = "var/master.key"': f'master_key_file = "{shared}/master.key"',
+            }
+
+        config = write_config(tmp_path, socket_dir, {**common, **instance("a")}, extra=extra)
         result = cli(config, "init")
         assert result.returncode == 0, result.stderr
-        w = World(tmp_path, config, notify, receivers, engine, table, backend)
+        others: list[Path] = []
+        if state_url is not None:
+            (tmp_path / "b").mkdir()
+            sockets.append(tempfile.mkdtemp(prefix="rtd-s-", dir="/tmp"))
+            others.append(write_config(tmp_path / "b", sockets[-1], {**common, **instance("b")}, extra=extra))
+            result = cli(others[-1], "init")
+            assert result.returncode == 0, result.stderr
+        w = World(tmp_path, config, notify, receivers, engine, table, backend, state_url=state_url, others=others)
         built.append(w)
         return w
 
@@ -303,6 +349,8 @@ def world(tmp_path: Path, socket_dir: str) -> Iterator[WorldFactory]:
         yield build
     finally:
         notify.close()
+        for directory in sockets:
+            shutil.rmtree(directory, ignore_errors=True)
         for w in built:
             with w.engine.begin() as conn:
                 conn.execute(sa.text(f"DROP TABLE IF EXISTS {w.table}"))

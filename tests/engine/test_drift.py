@@ -217,3 +217,21 @@ def test_a_secret_deleted_from_the_backend_is_drift(harness: Harness) -> None:
         record = rt.engine.check_drift(FERNET, T0 + SECOND)
         assert record is not None and record.reason == "secret_deleted"
         (directory / "moved").rename(directory / "current")
+
+
+def test_the_sweep_snapshot_costs_no_query_when_nothing_changed_and_still_sees_drift(harness: Harness) -> None:
+    """The periodic sweep reads every baseline once; a secret still matching it needs no query,
+    one that changed (or whose baseline moved since) gets the full check."""
+    rt = harness.build()
+    rt.engine.tick(FERNET, T0)
+    snapshot = rt.engine.drift.snapshot()
+    assert FERNET in snapshot.baselines and not snapshot.open
+    assert rt.engine.drift.unchanged(harness.secret(FERNET), rt.backends["local"], snapshot)
+    assert rt.engine.check_drift(FERNET, T0 + SECOND, snapshot) is None
+    intrude(harness)
+    assert not rt.engine.drift.unchanged(harness.secret(FERNET), rt.backends["local"], snapshot)
+    record = rt.engine.check_drift(FERNET, T0 + 2 * SECOND, snapshot)
+    assert record is not None and record.reason == "version_changed"
+    later = rt.engine.drift.snapshot()
+    assert later.open == {FERNET}
+    assert rt.engine.check_drift(FERNET, T0 + 3 * SECOND, later) == record  # still open, full check
