@@ -11,6 +11,7 @@ delivered with a stable id, the audit log intact).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 
 from rotatord.engine.runner import CRASH_ENV
 from tests.chaos.conftest import NAME, WorldFactory
-from tests.helpers import wait_until
+from tests.helpers import DaemonProcess, NotifyListener, wait_until
 from tests.servers import free_port
 from tests.servers.openbao_persistent import persistent_openbao
 from tests.servers.receivers import ReceiverServer, receiver_server
@@ -231,3 +232,44 @@ def test_wall_clock_jumps_forward_past_the_grace_period(
     assert "clock" in daemon.log_text()
     w.assert_converged()
     assert os.environ.get("LD_PRELOAD") is None  # only the daemon ran under the fake clock
+
+
+def test_leader_killed_mid_rotation_with_a_standby_running(
+    world: WorldFactory, receivers: ReceiverServer, pg_state: str
+) -> None:
+    """Two instances on one PostgreSQL state database: the leader dies (SIGKILL) right after
+    re-encrypting, the standby takes the lease, resumes from the journal and finishes; the
+    rotation happened once, every row decrypts, every webhook was delivered."""
+    w = world(receivers, state_url=pg_state)
+    b_notify = NotifyListener()
+    first = w.daemon()
+    try:
+        first.wait_ready()
+        wait_until(lambda: w.status().get("state") == "done", timeout=60, what="the secrets created")
+        w.listen_as_bot()
+        w.fill()
+        assert first.stop() == 0
+    finally:
+        first.kill()
+    leader = w.daemon(env={CRASH_ENV: "reencrypt.acted"})
+    standby: DaemonProcess | None = None
+    try:
+        leader.wait_ready()
+        wait_until(lambda: json.loads(w.cli("status", "--json").stdout)["daemon"]["role"] == "leader", what="a leader")
+        standby = w.daemon(config=w.others[0], notify=b_notify)  # started second, so it stands by
+        standby.wait_ready()
+        w.cli("rotate", NAME, "--reason", "chaos")  # its reply may be lost when the leader dies
+        assert leader.wait(60) == -9
+        w.settle()
+        assert standby.stop() == 0
+    finally:
+        leader.kill()
+        if standby is not None:
+            standby.kill()
+        b_notify.close()
+    w.assert_converged()
+    taken_over = [json.loads(line) for line in (w.others[0].parent / "var" / "audit.log").read_text().splitlines()]
+    assert {(a.get("event"), a.get("version")) for a in taken_over if a.get("secret") == NAME} >= {
+        ("rotation.reencrypted", 2),
+        ("rotation.retired", 2),
+    }, "the standby did not finish the rotation"
