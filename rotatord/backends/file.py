@@ -178,8 +178,8 @@ class FileBackend(Backend):
         self._clock: Clock = clock or SystemClock()
         self._aead: AESGCM | None = None
         self._key_lock = threading.Lock()
-        #: path -> (version file stamp, what observe() saw); see observe().
-        self._observed: dict[str, tuple[tuple[int, ...], Observed]] = {}
+        #: path -> (pointer stamp, version file stamp, version, what observe() saw); see observe().
+        self._observed: dict[str, tuple[tuple[int, ...], tuple[int, ...], int, Observed]] = {}
 
     def __repr__(self) -> str:
         return f"FileBackend(name={self.name!r}, directory={str(self._root)!r})"
@@ -232,25 +232,32 @@ class FileBackend(Backend):
                 return str(new)
 
     def observe(self, path: str) -> Observed | None:
-        """See :meth:`Backend.observe`.  The answer for an unchanged version file is remembered:
-        the drift check asks for every secret every few minutes, and decrypting and validating
-        each document again would cost a daemon with 1,000 secrets seconds of CPU each time.
-        "Unchanged" is the current pointer plus the version file's inode, size, mtime and ctime;
-        any write, rename or ``touch`` changes the ctime, which no unprivileged process can set back.
+        """See :meth:`Backend.observe`.  The answer for unchanged files is remembered: the drift
+        check asks for every secret every few minutes, and decrypting and validating each
+        document again (or even taking its lock) would cost a daemon with 1,000 secrets a
+        second of CPU each time.  "Unchanged" is the ``current`` pointer's and the version
+        file's inode, size, mtime and ctime: any write, rename or ``touch`` changes the ctime,
+        which no unprivileged process can set back.
         """
         where = self._secret_dir(path)
+        cached = self._observed.get(path)
+        if cached is not None:
+            was_pointer, was_version, number, known = cached
+            if (
+                _stamp(where / _POINTER, 0) == was_pointer
+                and _stamp(where / _version_file(number), number) == was_version
+            ):
+                return known
         with self._os_errors(f"cannot read {path}"):
             if self._pointer(path, where) is None:
                 return None
             aead = self._key()
             with _flock(where / _LOCK, exclusive=False):
+                pointer_stamp = _stamp(where / _POINTER, 0)
                 current = self._pointer(path, where)
                 if current is None:
                     return None
-                stamp = _stamp(where / _version_file(current), current)
-                cached = self._observed.get(path)
-                if stamp is not None and cached is not None and cached[0] == stamp:
-                    return cached[1]
+                version_stamp = _stamp(where / _version_file(current), current)
                 try:
                     envelope = self._open(aead, path, where, current)
                 except DocumentInvalid as exc:
@@ -265,8 +272,8 @@ class FileBackend(Backend):
         except DocumentInvalid as exc:
             return Observed(str(current), None, request_id, unreadable="invalid", problem=str(exc))
         seen = Observed(str(current), digest(document), request_id, owner=(document.name, document.kind))
-        if stamp is not None:
-            self._observed[path] = (stamp, seen)
+        if pointer_stamp is not None and version_stamp is not None:
+            self._observed[path] = (pointer_stamp, version_stamp, current, seen)
         return seen
 
     def history(self, path: str) -> list[VersionInfo]:
