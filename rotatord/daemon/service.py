@@ -14,53 +14,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from ..config import Settings, check_references, load_settings
 from ..engine.lease import supports_lease
 from ..engine.policy import next_rotation_due
-from ..engine.report import census_report, history_report, secret_status
-from ..errors import ConfigError, RotatordError, UnknownSecret, UsageError
+from ..errors import ConfigError, RotatordError
 from ..logs import setup_logging
 from ..schedule import JobScheduler
-from ..timeutil import Clock, SystemClock, format_ts, parse_ts
+from ..timeutil import Clock, SystemClock, format_ts
 from .control import ControlServer
 from .endpoint import HttpEndpoint, open_endpoint
 from .leader import Leadership, Role
 from .lock import StateLock
-from .protocol import Request
-from .reports import RevokedUseRecorder, handle_revoked_use, install
+from .reports import handle_revoked_use, install
+from .requests import ControlRequests
 from .runtime import Runtime, build_runtime
 from .systemd import Notifier, listen_fds, watchdog_period
+from .upkeep import DRIFT_JOB, Upkeep
 
 __all__ = ["Daemon"]
 
 log = logging.getLogger("rotatord.daemon")
 ERROR_RETRY = timedelta(minutes=1)
 STATUS_INTERVAL = 1.0
-#: How often the daemon re-checks the schedule: wall-clock jumps, secrets left with nothing armed.
-SWEEP_INTERVAL = 10.0
-#: A difference between wall-clock and monotonic progress above this is logged as a clock jump.
-CLOCK_JUMP_SECONDS = 2.0
-#: The scheduler key of the periodic drift check (":" cannot start a secret name).
-DRIFT_JOB = ":drift-check"
-DRIFT_FIRST_DELAY = timedelta(seconds=30)
-#: The drift check reads a slice of the secrets this often (a whole pass per drift_check_interval).
-DRIFT_SLICE = timedelta(seconds=5)
 #: Where bots POST their reports of revoked credentials (on the metrics listener, loopback by default).
 REVOKED_USE_PATH = "/v1/revoked-use"
 LEADERSHIP_POLL = 0.2
-#: Control ops a standby refuses (naming the leader): they change state or act on stores.
-LEADER_OPS = frozenset({"rotate", "rollback", "reencrypt", "census", "webhooks.replay"})
 
 
 class Daemon:
@@ -75,11 +61,12 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.notifier = Notifier()
         self.scheduler = JobScheduler()
-        self.control = ControlServer(self._handle)
+        self.requests = ControlRequests(self)
+        self.control = ControlServer(self.requests.handle)
         self._locks: dict[str, threading.RLock] = {}
         self._ticking: set[str] = set()
         self._ticking_lock = threading.Lock()
-        self._drift_cursor = 0
+        self.upkeep = Upkeep(self)
         self._runtime: Runtime | None = None
         self._stopping = False
         self._last_status = ""
@@ -135,7 +122,7 @@ class Daemon:
             self.http = await open_endpoint(daemon, runtime=lambda: self._runtime, role=self.role, phase=self._phase)
             self._runtime = build_runtime(self.settings, locks=self._locks, should_stop=self._should_stop)
             self._observe()
-            install(self._revoked_use_recorder)
+            install(self.requests.revoked_use_recorder)
             if self.http is not None:
                 # Bots report a revoked or retired credential still presented to them (rotatord.client).
                 self.http.server.add_route("POST", REVOKED_USE_PATH, handle_revoked_use)
@@ -161,7 +148,7 @@ class Daemon:
                 # Every job is armed before the scheduler starts: with 1,000 secrets due at once,
                 # the first runs would otherwise compete with the arming of the rest for the GIL.
                 self._arm_all(startup=True)
-                self._arm_drift_first()
+                self.upkeep.arm_drift_first()
                 self.scheduler.start()
             for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set)):
                 self._loop.add_signal_handler(sig, handler)
@@ -179,7 +166,7 @@ class Daemon:
                 },
             )
             watchdog = asyncio.ensure_future(self._watchdog())
-            sweep = asyncio.ensure_future(self._sweep())
+            sweep = asyncio.ensure_future(self.upkeep.sweep())
             self._start_notifier()
             await self._stop.wait()
             self._stopping = True
@@ -252,7 +239,7 @@ class Daemon:
         self.notifier.status(f"leader (epoch {self.leadership.epoch}): resuming unfinished rotations")
         resumed = await self._loop.run_in_executor(None, self._resume)
         self._arm_all(startup=True)
-        self._arm_drift_first()
+        self.upkeep.arm_drift_first()
         await self._stop_notifier()  # none, unless an earlier attempt failed after starting it
         self._start_notifier()
         log.info("leading", extra={"epoch": self.leadership.epoch, "resumed": resumed})
@@ -313,50 +300,6 @@ class Daemon:
         if not self._stopping and self._may_act():
             self.scheduler.arm(name, when, lambda: self._tick(name))
 
-    def _arm_drift_first(self) -> None:
-        """The first sweep waits a little: reading every secret competes with the start-up (and
-        each step checks its own secret for drift before acting anyway)."""
-        self._arm_drift(self.clock.now() + min(self.settings.daemon.drift_check_interval, DRIFT_FIRST_DELAY))
-
-    def _arm_drift(self, when: datetime) -> None:
-        if not self._stopping and self._may_act():
-            self.scheduler.arm(DRIFT_JOB, when, self._drift_sweep)
-
-    def _drift_sweep(self) -> None:
-        """Compare the next slice of managed secrets with their baselines.
-
-        A pass over every secret takes about ``drift_check_interval``, in slices every
-        DRIFT_SLICE: 1,000 secrets are not read in one burst of CPU (the first pass after a
-        start decrypts every document), and a slow backend delays one slice, not the daemon.
-        One failing backend does not stop the rest.
-        """
-        engine = self.runtime.engine
-        names = sorted(engine.secrets)
-        interval = self.settings.daemon.drift_check_interval
-        slices = max(1, int(interval / DRIFT_SLICE))
-        size = max(1, -(-len(names) // slices))
-        start = self._drift_cursor if self._drift_cursor < len(names) else 0
-        batch = names[start : start + size]
-        self._drift_cursor = start + size
-        try:
-            snapshot = engine.drift.snapshot()
-        except RotatordError as exc:
-            log.warning("drift sweep skipped: the state database cannot be read", extra={"error": str(exc)})
-            snapshot = None
-        found = False
-        for name in batch:
-            if self._stopping:
-                return
-            try:
-                found = engine.check_drift(name, self.clock.now(), snapshot) is not None or found
-            except RotatordError as exc:
-                log.warning("drift check failed; tried again next time", extra={"secret": name, "error": str(exc)})
-            except Exception:
-                log.exception("drift check failed", extra={"secret": name})
-        if found:
-            self._changed_threadsafe("")
-        self._arm_drift(self.clock.now() + interval / slices)
-
     def _tick(self, name: str, rearm: bool = True) -> None:
         with self._working():
             self._tick_working(name, rearm)
@@ -382,44 +325,6 @@ class Daemon:
             with self._ticking_lock:
                 self._ticking.discard(name)
         self._changed_threadsafe(name)
-
-    async def _sweep(self) -> None:
-        """Every SWEEP_INTERVAL: log a jump of the wall clock, re-arm any secret that has no job
-        and no run in progress (the schedule must never silently lose a secret), and wake the
-        scheduler so that what a jump made due runs now."""
-        assert self._loop is not None
-        wall, mono = time.time(), time.monotonic()
-        while not self._stopping:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            now_wall, now_mono = time.time(), time.monotonic()
-            jump = (now_wall - wall) - (now_mono - mono)
-            wall, mono = now_wall, now_mono
-            if abs(jump) >= CLOCK_JUMP_SECONDS:
-                log.warning("wall clock jumped; re-checking what is due", extra={"jump_seconds": round(jump, 1)})
-            if self._stopping:
-                return
-            await self._loop.run_in_executor(None, self._rearm_missing)
-            self.scheduler.wakeup()
-
-    def _rearm_missing(self) -> None:
-        if self.leadership is None or not self.leadership.may_act():
-            return  # a standby schedules nothing; a new leader arms everything when it takes over
-        engine = self.runtime.engine
-        armed = set(self.scheduler.job_ids())
-        with self._ticking_lock:
-            busy = set(self._ticking)
-        missing = [name for name in engine.secrets if name not in armed and name not in busy]
-        if not missing:
-            return
-        latest = engine.journal.latest_all()
-        now = self.clock.now()
-        for name in missing:
-            rot = latest.get(name)
-            log.warning("secret had nothing scheduled; re-armed", extra={"secret": name})
-            if rot is not None and rot.active:
-                self._arm(name, now)
-            else:
-                self._arm(name, max(now, next_rotation_due(engine.secrets[name], rot.started_at if rot else None, now)))
 
     # -- status, signals, watchdog ---------------------------------------------------------
 
@@ -539,125 +444,3 @@ class Daemon:
         self._arm_all(startup=False)
         log.info("configuration reloaded", extra={"secrets": len(new.secrets)})
         self.notifier.ready(self._status_line())
-
-    # -- control requests ------------------------------------------------------------------
-
-    async def _handle(self, request: Request, actor: str) -> Any:
-        assert self._loop is not None
-        if request.op == "ping":
-            lead = self.leadership
-            return {
-                "pid": os.getpid(),
-                "secrets": len(self.runtime.engine.secrets),
-                "role": self.role(),
-                "instance": lead.instance if lead is not None else None,
-                "leader": lead.leader_name() if lead is not None else None,
-            }
-        if request.op in LEADER_OPS and self.leadership is not None:
-            self.leadership.require_leader(request.op)
-        if request.op == "reload":
-            await self._reload()
-            return {"reloaded": True}
-        if request.op in ("webhooks.list", "webhooks.replay"):
-            return await self._loop.run_in_executor(None, self._webhooks_guarded, request)
-        if request.op == "report.revoked_use":
-            recorder = self._revoked_use_recorder()
-            assert recorder is not None  # the control socket serves only while the runtime exists
-            return await recorder.submit(request.report, actor)
-        return await self._loop.run_in_executor(None, self._handle_blocking, request, actor)
-
-    def _handle_blocking(self, request: Request, actor: str) -> Any:
-        if request.op not in LEADER_OPS:
-            return self._handle_working(request, actor)
-        with self._working():
-            if self.leadership is not None:
-                self.leadership.require_leader(request.op)  # again: the role may have changed meanwhile
-            return self._handle_working(request, actor)
-
-    def _handle_working(self, request: Request, actor: str) -> Any:
-        engine = self.runtime.engine
-        now = self.clock.now()
-        if request.op == "status":
-            names = [request.name] if request.name else list(engine.secrets)
-            return [self._status_of(n, now) for n in names]
-        assert request.name is not None
-        if request.name not in engine.secrets:
-            raise UnknownSecret(request.name)
-        if request.op == "history":
-            return history_report(engine, request.name)
-        if request.op == "census":
-            return census_report(engine, request.name, now)
-        if request.op == "reencrypt":
-            result = engine.reencrypt(request.name, trigger=actor, now=now)
-            self._tick(request.name)
-            return result
-        if request.op == "rotate":
-            rot = engine.rotate(
-                request.name, trigger=actor, emergency=request.emergency, reason=request.reason, now=now
-            )
-        elif request.op == "rollback":
-            rot = engine.rollback(request.name, trigger=actor, reason=request.reason, now=now)
-        elif request.op == "adopt":
-            adopted = engine.adopt(request.name, actor=actor, reason=request.reason, now=now)
-            self._arm(request.name, now)  # a rotation the drift paused resumes now
-            return {**adopted, "status": self._status_of(request.name, self.clock.now())}
-        else:  # parse_request admits no other op
-            raise AssertionError(request.op)
-        self._arm(request.name, engine.next_due(request.name, now) if not rot.active else now)
-        self._tick(request.name)
-        return self._status_of(request.name, self.clock.now())
-
-    def _webhooks_guarded(self, request: Request) -> Any:
-        if request.op not in LEADER_OPS:
-            return self._webhooks(request)
-        with self._working():
-            if self.leadership is not None:
-                self.leadership.require_leader(request.op)
-            return self._webhooks(request)
-
-    def _webhooks(self, request: Request) -> Any:
-        notifier = self.runtime.notifier
-        if notifier is None:
-            raise UsageError("no consumers are configured, so there are no webhooks")
-        from ..notify.outbox import DeliveryFilter
-
-        if request.op == "webhooks.list":
-            flt = DeliveryFilter(consumer=request.consumer, status=request.status, webhook_id=request.webhook_id)
-            return {
-                "deliveries": notifier.list_deliveries(flt),
-                "endpoints": notifier.endpoints(),
-                "pending": notifier.pending_count(),
-            }
-        if (request.webhook_id is None) == (request.consumer is None):
-            raise UsageError("webhooks replay needs exactly one of --id and --consumer")
-        since = parse_ts(request.since) if request.since else None
-        count = notifier.replay(request.webhook_id, consumer=request.consumer, since=since)
-        self._changed_threadsafe("")
-        return {"replayed": count}
-
-    def _revoked_use_recorder(self) -> RevokedUseRecorder | None:
-        """A recorder over the current runtime (so a reload applies at once); None before it exists.
-        Reports are still taken while stopping: the runtime stays open until every server closed."""
-        if self._runtime is None:
-            return None
-        from ..document import Document
-        from ..engine.revoked_use import RevokedUseStore
-
-        runtime = self.runtime
-        engine = runtime.engine
-
-        def read_document(name: str) -> Document | None:
-            secret = engine.setting(name)
-            current = engine.backends[secret.backend].read(secret.path)
-            return None if current is None else current.document
-
-        return RevokedUseRecorder(
-            RevokedUseStore(runtime.journal), runtime.audit, engine.secrets,
-            runtime.settings.notify.security_consumers, self.clock, lambda: self._changed_threadsafe(""),
-            read_document,
-        )  # fmt: skip
-
-    def _status_of(self, name: str, now: datetime) -> dict[str, Any]:
-        status = secret_status(self.runtime.engine, name, now)
-        status["scheduled_at"] = format_ts(self.scheduler.next_run(name))
-        return status
