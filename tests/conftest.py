@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from rotatord.logs import NOISY_LOGGERS, setup_logging
+from tests.servers.receivers import ReceiverServer, receiver_server
 
 pytest_plugins = ["tests.servers.openbao", "tests.servers.moto", "tests.servers.databases"]
 
@@ -17,6 +18,13 @@ pytest_plugins = ["tests.servers.openbao", "tests.servers.moto", "tests.servers.
 # binds 127.0.0.1:9464, and test runs in parallel (or a local Prometheus exporter) would collide.
 # The environment override beats the TOML, and every child process inherits it.
 os.environ.setdefault("ROTATORD_DAEMON__METRICS", "off")
+
+
+@pytest.fixture
+def receivers() -> Iterator[ReceiverServer]:
+    """Real webhook receivers on a free port (tests/servers/receivers.py), stopped after the test."""
+    with receiver_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,11 @@ from tests.chaos.conftest import NAME, WorldFactory
 from tests.helpers import DaemonProcess, NotifyListener, wait_until
 from tests.servers import free_port
 from tests.servers.openbao_persistent import persistent_openbao
-from tests.servers.receivers import ReceiverServer, receiver_server
+from tests.servers.receivers import ReceiverServer
 
 STEP_POINTS = [
     f"{step}.{point}" for step in ("stage", "promote", "reencrypt", "retire") for point in ("intent", "acted", "done")
 ]
-
-
-@pytest.fixture
-def receivers() -> Iterator[ReceiverServer]:
-    with receiver_server() as server:
-        yield server
 
 
 @pytest.mark.parametrize("point", [*STEP_POINTS, "reencrypt.batch"])

@@ -7,12 +7,9 @@ secret's consumer and to the security consumer (real receivers, verified with th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-
-import pytest
 
 from rotatord.backends.file import FileBackend
 from rotatord.config import load_settings
@@ -28,7 +25,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.integration.conftest import write_config
-from tests.servers.receivers import ReceiverServer, receiver_server
+from tests.servers.receivers import ReceiverServer
 
 DB = "demo-bot-db"
 DB_PATH = "bots/demo-bot/db-key"
@@ -52,12 +49,6 @@ path = "bots/demo-bot/webhook"
 every = "1h"
 grace = "1h"
 """
-
-
-@pytest.fixture
-def receivers() -> Iterator[ReceiverServer]:
-    with receiver_server() as server:
-        yield server
 
 
 def drift_hooks(receivers: ReceiverServer, name: str) -> list[dict[str, object]]:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from rotatord.document import CredentialSet
 from tests.helpers import (
@@ -25,7 +22,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.integration.conftest import write_config
-from tests.servers.receivers import Behaviour, ReceiverServer, receiver_server
+from tests.servers.receivers import Behaviour, ReceiverServer
 
 HOOKS = """
 [consumers.bot]
@@ -42,12 +39,6 @@ path = "bots/demo-bot/webhook"
 every = "1h"
 grace = "1h"
 """
-
-
-@pytest.fixture
-def receivers() -> Iterator[ReceiverServer]:
-    with receiver_server() as server:
-        yield server
 
 
 def _config(

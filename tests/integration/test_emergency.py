@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography.fernet import Fernet
 
 from rotatord.crypto.keyring import multifernet
@@ -35,7 +33,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.integration.conftest import write_config
-from tests.servers.receivers import Behaviour, ReceiverServer, receiver_server
+from tests.servers.receivers import Behaviour, ReceiverServer
 
 DB_PATH = "bots/demo-bot/db-key"
 API_PATH = "bots/demo-bot/api-token"
@@ -62,12 +60,6 @@ path = "bots/demo-bot/webhook"
 every = "1h"
 grace = "1h"
 """
-
-
-@pytest.fixture
-def receivers() -> Iterator[ReceiverServer]:
-    with receiver_server() as server:
-        yield server
 
 
 def _config(tmp_path: Path, socket_dir: str, receivers: ReceiverServer, *, store: bool) -> Path:

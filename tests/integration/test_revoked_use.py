@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ from tests.helpers import (
 )
 from tests.integration.conftest import write_config
 from tests.servers import free_port
-from tests.servers.receivers import ReceiverServer, receiver_server
+from tests.servers.receivers import ReceiverServer
 
 API = ("local", "bots/demo-bot/api-token")
 SECOPS = """
@@ -50,12 +50,6 @@ path = "security/secops/webhook"
 every = "1h"
 grace = "1h"
 """
-
-
-@pytest.fixture
-def receivers() -> Iterator[ReceiverServer]:
-    with receiver_server() as server:
-        yield server
 
 
 def _tokens(config: Path, on_revoked_use: Callable[[RevokedUse], None]) -> TokenSet:

@@ -10,7 +10,6 @@ import io
 import json
 import socket
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,16 +23,10 @@ from rotatord.crypto.tokens import FINGERPRINT_RE, fingerprint, make_token
 from rotatord.document import CredentialSet
 from rotatord.engine.transitions import issue_credential, revoke_credential
 from tests.helpers import assert_no_material, wait_until
-from tests.servers.receivers import Behaviour, ReceiverServer, receiver_server
+from tests.servers.receivers import Behaviour, ReceiverServer
 
 T0 = datetime(2025, 3, 3, 3, 0, tzinfo=UTC)
 PATH = "bots/api"
-
-
-@pytest.fixture
-def receivers() -> Iterator[ReceiverServer]:
-    with receiver_server() as server:
-        yield server
 
 
 class Docs:
