@@ -1,15 +1,16 @@
 """Re-encrypt batches of Fernet tokens on several processes: the stores' ``RotateBatch``.
 
 Re-encryption is CPU-bound (HMAC, AES, base64 on every token) and the GIL keeps it on one core,
-so large batches go to a pool of worker processes.  Each worker receives the ring's key material
-once, through the pool's initializer, and builds its own ring; tasks carry tokens only, and no
-key is ever logged or put in a repr.  Workers are started with ``spawn``: forking a daemon that
-runs threads could copy a lock held by another thread, and a fresh interpreter holds nothing but
-what it is given.  Like any spawn pool, the workers import the program's main module, which must
-therefore guard its entry point with ``if __name__ == "__main__":`` (the console script does).
+so large batches go to worker processes, each with its own pipe (see :class:`_Worker` and the
+wire format below).  Each worker receives the ring's key material once, as its start-up
+arguments, and builds its own ring; requests carry tokens only, and no key is ever logged or put
+in a repr.  Workers are started with ``spawn``: forking a daemon that runs threads could copy a
+lock held by another thread, and a fresh interpreter holds nothing but what it is given.  Like
+any spawn child, the workers import the program's main module, which must therefore guard its
+entry point with ``if __name__ == "__main__":`` (the console script does).
 
-Small batches are re-encrypted in the calling process, where a round trip to the pool would cost
-more than it saves.  Every result keeps the token's original timestamp (``MultiFernet.rotate``).
+Small batches are re-encrypted in the calling process, where a round trip to the workers would
+cost more than it saves.  Every result keeps the token's original timestamp (``MultiFernet.rotate``).
 
 :meth:`BatchRotator.classify_rotate` does a store's whole per-item work in the workers: find the
 key that signed each token (as :class:`~rotatord.crypto.keyring.KeyIdentifier` does, from the
@@ -55,7 +56,7 @@ __all__ = ["BatchRotator", "Classified", "batch_rotator", "default_processes"]
 #: or signed by a key but not decryptable).
 Classified = tuple[str | None, bytes | None]
 
-#: Below this many tokens a batch is re-encrypted in-process (a pool round trip costs ~1 ms,
+#: Below this many tokens a batch is re-encrypted in-process (a round trip to the workers costs ~1 ms,
 #: about 25 tokens' worth of crypto on the machines this was measured on).
 MIN_PARALLEL_BATCH = 64
 #: Tasks per process and batch: more than one evens out the processes' finishing times.
