@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -105,6 +107,23 @@ class JobScheduler:
             job_defaults={"coalesce": True, "max_instances": 2, "misfire_grace_time": None},
         )
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        # Runs submitted to the executor but not finished, per key: APScheduler has removed a
+        # date job from its store by then, yet the key is not unscheduled (see job_ids).
+        self._running: dict[str, int] = {}
+        self._running_lock = threading.Lock()
+        self._scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)
+
+    def _submitted(self, event: JobSubmissionEvent) -> None:
+        with self._running_lock:
+            self._running[event.job_id] = self._running.get(event.job_id, 0) + 1
+
+    def _finished(self, key: str) -> None:
+        with self._running_lock:
+            left = self._running.get(key, 0) - 1
+            if left > 0:
+                self._running[key] = left
+            else:
+                self._running.pop(key, None)
 
     def start(self) -> None:
         self._scheduler.start()
@@ -115,7 +134,14 @@ class JobScheduler:
 
     def arm(self, key: str, when: datetime, func: Callable[[], None]) -> None:
         """Run ``func`` once at ``when`` (replacing any earlier arming of ``key``)."""
-        self._scheduler.add_job(func, trigger=DateTrigger(run_date=when, timezone=UTC), id=key, replace_existing=True)
+
+        def run() -> None:
+            try:
+                func()
+            finally:
+                self._finished(key)
+
+        self._scheduler.add_job(run, trigger=DateTrigger(run_date=when, timezone=UTC), id=key, replace_existing=True)
 
     def wakeup(self) -> None:
         """Re-check what is due now.  APScheduler sleeps until the next run time it computed from
@@ -138,4 +164,7 @@ class JobScheduler:
         return {key: when for key, when in runs if when is not None}
 
     def job_ids(self) -> list[str]:
-        return [job.id for job in self._scheduler.get_jobs()]
+        """Keys armed for a future run, and keys whose run is queued or running now."""
+        with self._running_lock:
+            running = set(self._running)
+        return list(dict.fromkeys([*(job.id for job in self._scheduler.get_jobs()), *running]))
