@@ -125,23 +125,24 @@ def test_postgres_connections_dropped_mid_batch(
             timeout=60,
             what="a first batch checkpointed",
         )
-        dropped = 0
-
-        def hit() -> bool:
-            # Drop the store's connections again and again until one dies under a batch in flight
-            # (an idle pooled one is simply replaced by the next checkout).
-            nonlocal dropped
-            with admin.begin() as conn:
-                dropped += len(
-                    conn.execute(
-                        sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :a"),
-                        {"a": app},
-                    ).all()
-                )
-            return '"step":"reencrypt"' in daemon.log_text() and "step failed" in daemon.log_text()
-
-        wait_until(hit, timeout=30, interval=0.02, what="a batch to fail on a dropped connection")
-        assert dropped > 0
+        # Catch the store mid-batch for certain: lock its table, wait until the store's session
+        # is blocked on that lock (inside a batch), and terminate exactly that session.
+        sessions = sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :a AND wait_event_type = 'Lock'")
+        with admin.connect() as locker:
+            locker.execute(sa.text(f"LOCK TABLE {w.table} IN ACCESS EXCLUSIVE MODE"))
+            blocked = wait_until(
+                lambda: locker.execute(sessions, {"a": app}).scalars().all(),
+                timeout=30,
+                interval=0.02,
+                what="the store blocked inside a batch",
+            )
+            locker.execute(sa.text("SELECT pg_terminate_backend(pid) FROM unnest(:p) AS pid"), {"p": list(blocked)})
+            locker.rollback()  # releases the lock
+        wait_until(
+            lambda: '"step":"reencrypt"' in daemon.log_text() and "step failed" in daemon.log_text(),
+            timeout=30,
+            what="the batch to fail on its dropped connection",
+        )
         w.settle()
         assert daemon.stop() == 0
     finally:
