@@ -67,13 +67,13 @@ def _version_file(version: int) -> str:
     return f"v{version:08d}.enc"
 
 
-def _stamp(file: Path, version: int) -> tuple[int, ...] | None:
+def _stamp(file: Path) -> tuple[int, ...] | None:
     """What changes whenever ``file`` is written, replaced or touched (None: it is missing)."""
     try:
         st = file.stat()
     except FileNotFoundError:
         return None
-    return (version, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _aad(path: str, version: int) -> bytes:
@@ -243,21 +243,18 @@ class FileBackend(Backend):
         cached = self._observed.get(path)
         if cached is not None:
             was_pointer, was_version, number, known = cached
-            if (
-                _stamp(where / _POINTER, 0) == was_pointer
-                and _stamp(where / _version_file(number), number) == was_version
-            ):
+            if _stamp(where / _POINTER) == was_pointer and _stamp(where / _version_file(number)) == was_version:
                 return known
         with self._os_errors(f"cannot read {path}"):
             if self._pointer(path, where) is None:
                 return None
             aead = self._key()
             with _flock(where / _LOCK, exclusive=False):
-                pointer_stamp = _stamp(where / _POINTER, 0)
+                pointer_stamp = _stamp(where / _POINTER)
                 current = self._pointer(path, where)
                 if current is None:
                     return None
-                version_stamp = _stamp(where / _version_file(current), current)
+                version_stamp = _stamp(where / _version_file(current))
                 try:
                     envelope = self._open(aead, path, where, current)
                 except DocumentInvalid as exc:

@@ -243,31 +243,16 @@ def _pack_tokens(tokens: Sequence[bytes | None]) -> list[bytes]:
     return [lengths.tobytes(), b"".join(t for t in tokens if t is not None)]
 
 
-def _unpack_tokens(view: memoryview, count: int, offset: int) -> list[bytes | None]:
-    """The tokens of a reply: length 0 is None (no re-encrypted token is ever empty)."""
+def _unpack_tokens(view: memoryview, count: int, offset: int, *, empty: bytes | None = None) -> list[bytes | None]:
+    """The ``count`` tokens at ``offset``; a length of 0 reads as ``empty``: None in replies (no
+    re-encrypted token is ever empty), ``b""`` in requests (an empty stored value is a token too)."""
     lengths = array("I")
     lengths.frombytes(view[offset : offset + 4 * count])
     at = offset + 4 * count
     out: list[bytes | None] = []
     append = out.append
     for size in lengths:
-        if size:
-            append(bytes(view[at : at + size]))
-            at += size
-        else:
-            append(None)
-    return out
-
-
-def _unpack_request(view: memoryview, count: int, offset: int) -> list[bytes]:
-    """The tokens of a request: every one is bytes, the empty one too."""
-    lengths = array("I")
-    lengths.frombytes(view[offset : offset + 4 * count])
-    at = offset + 4 * count
-    out: list[bytes] = []
-    append = out.append
-    for size in lengths:
-        append(bytes(view[at : at + size]))
+        append(bytes(view[at : at + size]) if size else empty)
         at += size
     return out
 
@@ -291,7 +276,7 @@ def _worker_main(conn: Connection, keys: tuple[tuple[str, str], ...], primary_id
         op, count = _HEAD.unpack_from(view)
         if op == _OP_STOP:
             return
-        tokens = _unpack_request(view, count, _HEAD.size)
+        tokens = [t for t in _unpack_tokens(view, count, _HEAD.size, empty=b"") if t is not None]
         if op == _OP_CLASSIFY:
             indexes, news = classifier.run(tokens)
             reply = [_COUNT.pack(count), array("h", indexes).tobytes(), *_pack_tokens(news)]

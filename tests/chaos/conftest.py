@@ -181,6 +181,14 @@ class World:
         whsec = found.document.current.value.reveal()
         self.receivers.endpoint("bot", secrets=[whsec])
 
+    def prepare(self, daemon: DaemonProcess) -> None:
+        """The common start of every case: the daemon ready, every secret created, the bot
+        listening with its signing secret, and the store filled under the current ring."""
+        daemon.wait_ready()
+        self.wait_created()
+        self.listen_as_bot()
+        self.fill()
+
     def fill(self) -> None:
         """ROWS rows encrypted under the current ring, as the bot would write them."""
         fernet = multifernet(self.ring())

@@ -36,10 +36,7 @@ def test_sigkill_at_every_step(world: WorldFactory, receivers: ReceiverServer, p
     w = world(receivers)
     first = w.daemon()
     try:
-        first.wait_ready()
-        w.wait_created()
-        w.listen_as_bot()
-        w.fill()
+        w.prepare(first)
         assert first.stop() == 0
     finally:
         first.kill()
@@ -80,10 +77,7 @@ transient_retries = 0
         w = world(receivers, backend="bao", backend_toml=backend, propagation="3s")
         daemon = w.daemon()
         try:
-            daemon.wait_ready()
-            w.wait_created()
-            w.listen_as_bot()
-            w.fill()
+            w.prepare(daemon)
             assert w.cli("rotate", NAME, "--reason", "chaos").returncode == 0
             wait_until(lambda: w.status()["phase"] == "staged", what="the new key staged")
             bao.stop()  # the backend is gone while the rotation waits to promote
@@ -108,10 +102,7 @@ def test_postgres_connections_dropped_mid_batch(
     admin = sa.create_engine(postgres_url)
     daemon = w.daemon()
     try:
-        daemon.wait_ready()
-        w.wait_created()
-        w.listen_as_bot()
-        w.fill()
+        w.prepare(daemon)
         assert w.cli("rotate", NAME, "--reason", "chaos").returncode == 0
         wait_until(
             lambda: (
@@ -159,10 +150,7 @@ def test_webhook_receivers_down_for_the_first_attempts(world: WorldFactory, tmp_
         w = world(receivers)
         daemon = w.daemon()
         try:
-            daemon.wait_ready()
-            w.wait_created()
-            w.listen_as_bot()
-            w.fill()
+            w.prepare(daemon)
             receivers.stop()  # the bot's host is down: connections are refused
             assert w.cli("rotate", NAME, "--reason", "chaos").returncode == 0
             pending = "SELECT max(attempts) FROM outbox WHERE consumer = 'bot' AND status = 'pending'"
@@ -210,10 +198,7 @@ def test_wall_clock_jumps_forward_past_the_grace_period(
     w = world(receivers, grace="3d")
     daemon = w.daemon(env=env)
     try:
-        daemon.wait_ready()
-        w.wait_created()
-        w.listen_as_bot()
-        w.fill()
+        w.prepare(daemon)
         assert w.cli("rotate", NAME, "--reason", "chaos").returncode == 0
         wait_until(lambda: w.status()["phase"] == "reencrypted", timeout=60, what="the data moved to the new key")
         ring = w.ring()
