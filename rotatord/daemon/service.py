@@ -17,6 +17,7 @@ import logging
 import random
 import signal
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -64,8 +65,6 @@ class Daemon:
         self.requests = ControlRequests(self)
         self.control = ControlServer(self.requests.handle)
         self._locks: dict[str, threading.RLock] = {}
-        self._ticking: set[str] = set()
-        self._ticking_lock = threading.Lock()
         self.upkeep = Upkeep(self)
         self._runtime: Runtime | None = None
         self._stopping = False
@@ -79,8 +78,9 @@ class Daemon:
         self.http: HttpEndpoint | None = None
         self._ready = False
         self.leadership: Leadership | None = None
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
+        #: Work in flight (steps, control requests), by secret ("" for work of no one secret).
+        self._work: Counter[str] = Counter()
+        self._work_lock = threading.Lock()
 
     def role(self) -> Role:
         """``single`` (SQLite state), ``leader`` or ``standby`` (PostgreSQL state); thread-safe."""
@@ -92,15 +92,27 @@ class Daemon:
         return self.leadership is None or self.leadership.may_act()
 
     @contextmanager
-    def _working(self) -> Iterator[None]:
-        """Counts work in flight, so a deposed leader knows when its last step has ended."""
-        with self._inflight_lock:
-            self._inflight += 1
+    def _working(self, name: str = "") -> Iterator[None]:
+        """Counts work in flight, so a deposed leader knows when its last step has ended and the
+        upkeep knows which secrets are being ticked right now."""
+        with self._work_lock:
+            self._work[name] += 1
         try:
             yield
         finally:
-            with self._inflight_lock:
-                self._inflight -= 1
+            with self._work_lock:
+                self._work[name] -= 1
+                if not self._work[name]:
+                    del self._work[name]
+
+    def _in_flight(self) -> int:
+        with self._work_lock:
+            return sum(self._work.values())
+
+    def busy_secrets(self) -> set[str]:
+        """The secrets a step or request is working on now."""
+        with self._work_lock:
+            return {name for name in self._work if name}
 
     @property
     def runtime(self) -> Runtime:
@@ -180,7 +192,7 @@ class Daemon:
             await self.control.close()
             await self._close_http()
             await self._loop.run_in_executor(None, self.scheduler.shutdown)
-            while self._inflight:  # a resume or a control request still running a step
+            while self._in_flight():  # a resume or a control request still running a step
                 await asyncio.sleep(0.1)
             # Released only now that no step runs, so the standby taking over at once is safe.
             await self._loop.run_in_executor(None, self.leadership.stop)
@@ -259,7 +271,7 @@ class Daemon:
         except Exception:  # a delivery cut off by the fence must not stop the standing down
             log.exception("webhook worker failed while standing down")
             self._notify_task = None
-        while self._inflight:  # their journal writes are refused by the fence meanwhile
+        while self._in_flight():  # their journal writes are refused by the fence meanwhile
             await asyncio.sleep(0.1)
         self.leadership.drained()
         log.info("standing by: work of the last tenure drained")
@@ -301,29 +313,23 @@ class Daemon:
             self.scheduler.arm(name, when, lambda: self._tick(name))
 
     def _tick(self, name: str, rearm: bool = True) -> None:
-        with self._working():
+        with self._working(name):
             self._tick_working(name, rearm)
 
     def _tick_working(self, name: str, rearm: bool) -> None:
         engine = self.runtime.engine
         if name not in engine.secrets or not self._may_act():
             return
-        with self._ticking_lock:
-            self._ticking.add(name)
         try:
-            try:
-                nxt = engine.tick(name, self.clock.now())
-            except RotatordError as exc:
-                log.error("tick failed", extra={"secret": name, "error": str(exc)})
-                nxt = self.clock.now() + ERROR_RETRY
-            except Exception:
-                log.exception("tick failed", extra={"secret": name})
-                nxt = self.clock.now() + ERROR_RETRY
-            if rearm:
-                self._arm(name, nxt)
-        finally:
-            with self._ticking_lock:
-                self._ticking.discard(name)
+            nxt = engine.tick(name, self.clock.now())
+        except RotatordError as exc:
+            log.error("tick failed", extra={"secret": name, "error": str(exc)})
+            nxt = self.clock.now() + ERROR_RETRY
+        except Exception:
+            log.exception("tick failed", extra={"secret": name})
+            nxt = self.clock.now() + ERROR_RETRY
+        if rearm:
+            self._arm(name, nxt)
         self._changed_threadsafe(name)
 
     # -- status, signals, watchdog ---------------------------------------------------------

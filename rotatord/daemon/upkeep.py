@@ -112,8 +112,7 @@ class Upkeep:
             return  # a standby schedules nothing; a new leader arms everything when it takes over
         engine = self._daemon.runtime.engine
         armed = set(self._daemon.scheduler.job_ids())
-        with self._daemon._ticking_lock:
-            busy = set(self._daemon._ticking)
+        busy = self._daemon.busy_secrets()
         missing = [name for name in engine.secrets if name not in armed and name not in busy]
         if not missing:
             return

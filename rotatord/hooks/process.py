@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Literal
 
 __all__ = ["OUTPUT_LIMIT", "ProcessResult", "run_process"]
@@ -37,8 +37,9 @@ class ProcessResult:
 
     outcome: Outcome
     returncode: int | None
-    stdout: str
-    stderr: str
+    #: What the hook printed (it may echo material it was given): never in a repr.
+    stdout: str = field(repr=False)
+    stderr: str = field(repr=False)
     truncated: bool
     seconds: float
     error: str | None = None

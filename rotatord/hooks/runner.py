@@ -252,12 +252,17 @@ class HookRunner:
 
     def _log(self, row: HookRunRow, spec: HookSpec, attempt: int, result: ProcessResult) -> None:
         # Output goes through the redacting formatter: a hook may echo the material it was given.
+        # A hook that was given material may also print it transformed (hex, a slice, decoded),
+        # which no redaction recognises: only the sizes of its output are logged.
         fields: dict[str, object] = {**_where(row), "attempt": attempt, "outcome": result.outcome,
                                      "exit_code": result.returncode, "seconds": round(result.seconds, 3)}  # fmt: skip
-        if result.stdout:
-            fields["stdout"] = result.stdout
-        if result.stderr:
-            fields["stderr"] = result.stderr
+        if spec.settings.with_secret:
+            fields["stdout_bytes"], fields["stderr_bytes"] = len(result.stdout), len(result.stderr)
+        else:
+            if result.stdout:
+                fields["stdout"] = result.stdout
+            if result.stderr:
+                fields["stderr"] = result.stderr
         if result.truncated:
             fields["output_truncated"] = True
         if result.ok:
