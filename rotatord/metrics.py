@@ -40,12 +40,11 @@ if TYPE_CHECKING:
     from .daemon.runtime import Runtime
     from .notify.outbox import AttemptRecord
 
-__all__ = ["CONTENT_TYPE", "ROLES", "Metrics", "RoleProvider", "StateCollector", "store_labels"]
+__all__ = ["CONTENT_TYPE", "Metrics", "RoleProvider", "StateCollector", "store_labels"]
 
 log = logging.getLogger("rotatord.metrics")
 
 #: What a role provider returns: one instance alone, or the leader / a standby of several.
-ROLES = ("single", "leader", "standby")
 RoleProvider = Callable[[], str]
 RuntimeProvider = Callable[[], "Runtime | None"]
 _STORE_LABEL = re.compile(r"\.stores\[(\d+)\]:([a-z_]+):")
@@ -265,7 +264,7 @@ class Metrics:
     """The registry served at ``/metrics``: state read at scrape time, plus failure counters.
 
     ``runtime()`` returns the daemon's current runtime (None before it is built), ``role()`` one
-    of :data:`ROLES`, ``ready()`` whether the daemon finished starting.
+    ``single``, ``leader`` or ``standby``, ``ready()`` whether the daemon finished starting.
     """
 
     def __init__(

@@ -227,14 +227,10 @@ class Journal:
                     conn.execute(select(func.pg_advisory_xact_lock(7271016)))
                 metadata.create_all(conn)
         except SQLAlchemyError as exc:
-            raise StateError(f"cannot initialise the state database: {_describe(exc)}") from None
+            raise StateError(f"cannot initialise the state database: {describe_error(exc)}") from None
 
     def close(self) -> None:
         self._engine.dispose()
-
-    @property
-    def dialect(self) -> str:
-        return self._engine.dialect.name
 
     def guard_writes(self, check: Callable[[Any], None]) -> None:
         """Call ``check(dbapi_connection)`` before the first write of every transaction.
@@ -267,13 +263,13 @@ class Journal:
         except IntegrityError:
             raise
         except OperationalError as exc:
-            raise StateError(f"state database error: {_describe(exc)}") from None
+            raise StateError(f"state database error: {describe_error(exc)}") from None
         except StatementError as exc:
             # A value the column type refused (a naive datetime) is the caller's mistake: say so
             # with the ValueError/TypeError itself instead of leaking SQLAlchemy's wrapper.
             if isinstance(exc.orig, ValueError | TypeError):
                 raise exc.orig from None
-            raise StateError(f"state database error: {_describe(exc)}") from None
+            raise StateError(f"state database error: {describe_error(exc)}") from None
 
     # -- rotations -------------------------------------------------------------------------
 
@@ -516,6 +512,7 @@ def _step(row: Any) -> StepRow | None:
     )
 
 
-def _describe(exc: SQLAlchemyError) -> str:
+def describe_error(exc: SQLAlchemyError) -> str:
+    """The driver's error in one line (class and first line of its message), for StateError."""
     orig = getattr(exc, "orig", None)
     return f"{type(orig or exc).__name__}: {str(orig or exc).splitlines()[0][:200]}"

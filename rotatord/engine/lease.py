@@ -46,7 +46,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import StateError
-from .journal import Journal
+from .journal import Journal, describe_error
 
 __all__ = [
     "FENCE_SQL",
@@ -192,12 +192,7 @@ class LeaseStore:
             with self._engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise StateError(f"leader lease: {_describe(exc)}") from None
-
-
-def _describe(exc: SQLAlchemyError) -> str:
-    orig = getattr(exc, "orig", None)
-    return f"{type(orig or exc).__name__}: {str(orig or exc).splitlines()[0][:200]}"
+            raise StateError(f"leader lease: {describe_error(exc)}") from None
 
 
 class InstanceAuditHead:

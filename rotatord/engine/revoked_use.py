@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -77,10 +77,6 @@ class RevokedUseStore:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
 
-    def ensure_schema(self) -> None:
-        with self.journal.transaction() as conn:
-            revoked_use.create(conn, checkfirst=True)
-
     def record(self, s: Sighting, consumers: Sequence[str], now: datetime) -> RevokedUseCount:
         """Count one report; queue an event to ``consumers`` unless one went out within
         :data:`NOTIFY_EVERY` for the same fingerprint.  Raises StateError."""
@@ -119,7 +115,14 @@ class RevokedUseStore:
                 select(revoked_use).where(revoked_use.c.secret == secret).order_by(revoked_use.c.last_at.desc())
             ).all()
         if not rows:
-            return {"count": 0, "fingerprints": 0, "last_at": None, "last_source": None, "last_fingerprint": None}
+            return {
+                "count": 0,
+                "fingerprints": 0,
+                "last_at": None,
+                "last_source": None,
+                "last_fingerprint": None,
+                "last_credential": None,
+            }
         last = rows[0]._mapping
         return {
             "count": sum(int(r._mapping["count"]) for r in rows),
@@ -129,9 +132,6 @@ class RevokedUseStore:
             "last_fingerprint": last["fingerprint"],
             "last_credential": last["credential"],
         }
-
-    def summaries(self, secrets: Sequence[str]) -> Mapping[str, dict[str, Any]]:
-        return {name: self.summary(name) for name in secrets}
 
 
 def _queue(conn: Connection, consumer: str, s: Sighting, count: int, now: datetime) -> str:

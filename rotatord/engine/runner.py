@@ -474,7 +474,10 @@ class Engine:
             self.journal.queue_events(self._events(secret, rot, "rotation.failed", rot.phase, outcome, now), now)
             if self.hooks is not None:
                 event = self._event(secret, rot, "rotation.failed", rot.phase, outcome, now)
-                self.hooks.fire(rot.secret, "failed", event, now=now, occasion=step, rotation=rot)
+                try:
+                    self.hooks.fire(rot.secret, "failed", event, now=now, occasion=step, rotation=rot)
+                except RotatordError as hook_exc:  # the failure is recorded whatever its hooks do
+                    log.error("failed hooks could not run", extra={"secret": rot.secret, "error": str(hook_exc)})
         self._changed(rot.secret)
         return retry_at
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import event
 
 from rotatord.config.model import NotifySettings
 from rotatord.daemon.runtime import Runtime
@@ -226,8 +227,15 @@ def test_the_sweep_snapshot_costs_no_query_when_nothing_changed_and_still_sees_d
     rt.engine.tick(FERNET, T0)
     snapshot = rt.engine.drift.snapshot()
     assert FERNET in snapshot.baselines and not snapshot.open
-    assert rt.engine.drift.unchanged(harness.secret(FERNET), rt.backends["local"], snapshot)
-    assert rt.engine.check_drift(FERNET, T0 + SECOND, snapshot) is None
+    statements: list[str] = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(rt.journal._engine, "before_cursor_execute", listener)
+    try:
+        assert rt.engine.drift.unchanged(harness.secret(FERNET), rt.backends["local"], snapshot)
+        assert rt.engine.check_drift(FERNET, T0 + SECOND, snapshot) is None
+    finally:
+        event.remove(rt.journal._engine, "before_cursor_execute", listener)
+    assert statements == []  # answered from the snapshot and the backend alone
     intrude(harness)
     assert not rt.engine.drift.unchanged(harness.secret(FERNET), rt.backends["local"], snapshot)
     record = rt.engine.check_drift(FERNET, T0 + 2 * SECOND, snapshot)

@@ -156,6 +156,7 @@ def test_instances_starting_together_create_the_schema_once(pg_state: str) -> No
         thread.start()
     for thread in threads:
         thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a start-up is stuck"
     assert errors == []
 
 
