@@ -461,26 +461,39 @@ class Journal:
 
 
 def _queue(conn: Connection, consumer: str, ev: Event, now: datetime) -> None:
-    payload = {
-        "type": ev.type,
-        "timestamp": format_ts(ev.occurred_at),
-        "data": {
-            "secret": ev.secret,
-            "rotation_id": ev.rotation_id,
-            "version": ev.version,
-            "phase": ev.phase,
-            "backend": ev.backend,
-            "path": ev.path,
-            "backend_version": ev.backend_version,
-            **dict(ev.detail),
-        },
+    data = {
+        "secret": ev.secret,
+        "rotation_id": ev.rotation_id,
+        "version": ev.version,
+        "phase": ev.phase,
+        "backend": ev.backend,
+        "path": ev.path,
+        "backend_version": ev.backend_version,
+        **dict(ev.detail),
     }
+    queue_webhook(conn, consumer, ev.type, data, occurred_at=ev.occurred_at, rotation_id=ev.rotation_id, now=now)
+
+
+def queue_webhook(
+    conn: Connection,
+    consumer: str,
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    occurred_at: datetime,
+    rotation_id: int | None,
+    now: datetime,
+) -> str:
+    """One outbox row (Standard Webhooks payload ``{type, timestamp, data}``), due now, inside the
+    caller's transaction; returns its ``webhook-id``."""
+    webhook_id = f"msg_{uuid.uuid4().hex}"
+    payload = {"type": event_type, "timestamp": format_ts(occurred_at), "data": data}
     conn.execute(
         insert(outbox).values(
-            webhook_id=f"msg_{uuid.uuid4().hex}",
-            rotation_id=ev.rotation_id,
+            webhook_id=webhook_id,
+            rotation_id=rotation_id,
             consumer=consumer,
-            event_type=ev.type,
+            event_type=event_type,
             payload=json.dumps(payload, sort_keys=True, separators=(",", ":")),
             status="pending",
             attempts=0,
@@ -488,6 +501,7 @@ def _queue(conn: Connection, consumer: str, ev: Event, now: datetime) -> None:
             next_attempt_at=now,
         )
     )
+    return webhook_id
 
 
 def _rotation(row: Any) -> RotationRow | None:

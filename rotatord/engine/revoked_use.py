@@ -9,8 +9,6 @@ the source the bot gave; never a token.
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..timeutil import format_ts
-from .journal import Journal, UTCDateTime, metadata, outbox
+from .journal import Journal, UTCDateTime, metadata, queue_webhook
 
 __all__ = ["EVENT_TYPE", "NOTIFY_EVERY", "RevokedUseCount", "RevokedUseStore", "Sighting"]
 
@@ -136,34 +134,16 @@ class RevokedUseStore:
 
 def _queue(conn: Connection, consumer: str, s: Sighting, count: int, now: datetime) -> str:
     """An outbox row of no rotation (the event is about a secret, not one of its rotations)."""
-    webhook_id = f"msg_{uuid.uuid4().hex}"
-    payload = {
-        "type": EVENT_TYPE,
-        "timestamp": format_ts(now),
-        "data": {
-            "secret": s.secret,
-            "backend": s.backend,
-            "path": s.path,
-            "fingerprint": s.fingerprint,
-            "credential": s.credential,
-            "state": s.state,
-            "known_as": s.known_as,
-            "source": s.source,
-            "count": count,
-            "reported_at": format_ts(s.reported_at),
-        },
+    data = {
+        "secret": s.secret,
+        "backend": s.backend,
+        "path": s.path,
+        "fingerprint": s.fingerprint,
+        "credential": s.credential,
+        "state": s.state,
+        "known_as": s.known_as,
+        "source": s.source,
+        "count": count,
+        "reported_at": format_ts(s.reported_at),
     }
-    conn.execute(
-        insert(outbox).values(
-            webhook_id=webhook_id,
-            rotation_id=None,
-            consumer=consumer,
-            event_type=EVENT_TYPE,
-            payload=json.dumps(payload, sort_keys=True, separators=(",", ":")),
-            status="pending",
-            attempts=0,
-            created_at=now,
-            next_attempt_at=now,
-        )
-    )
-    return webhook_id
+    return queue_webhook(conn, consumer, EVENT_TYPE, data, occurred_at=now, rotation_id=None, now=now)
