@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..audit import AuditLog
+from ..client.reports import MAX_SOURCE
 from ..config.model import SecretSettings
 from ..crypto.tokens import FINGERPRINT_RE, fingerprint
 from ..document import Document, FernetRing
@@ -56,7 +57,6 @@ _FIELDS = {"secret", "fingerprint", "state", "source", "credential", "at"}
 _REQUIRED = ("secret", "fingerprint", "state")
 _STATES = ("revoked", "retired")
 _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
-_MAX_SOURCE = 200
 
 
 class ReportRejected(Exception):
@@ -110,8 +110,8 @@ def parse_report(data: object, secrets: Mapping[str, SecretSettings]) -> Revoked
         raise ReportRejected(400, "field 'state' must be 'revoked' or 'retired'")
     source = _string(data, "source")
     if source is not None:
-        if len(source) > _MAX_SOURCE or not source.isprintable():
-            raise ReportRejected(400, f"field 'source' must be one printable line of at most {_MAX_SOURCE} characters")
+        if len(source) > MAX_SOURCE or not source.isprintable():
+            raise ReportRejected(400, f"field 'source' must be one printable line of at most {MAX_SOURCE} characters")
         if redact_text(source) != source:
             raise ReportRejected(400, "field 'source' looks like key material: a report carries fingerprints only")
     credential = _string(data, "credential")

@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Literal
 
 from ..config.model import SecretSettings
-from ..document import CredentialSet, Document, FernetRing
+from ..document import CredentialSet, Document, FernetRing, sha256_hex
 from ..errors import RotatordError
 from ..interfaces import Backend
 
@@ -75,14 +75,10 @@ class KnownIndex:
     def lookup(self, material: str) -> Known | None:
         # The probe hashes a digest keyed for this run only: how long it takes tells nothing
         # about the material to anyone without the run's key, and no material is kept to compare.
-        return self._entries.get(self._digest(hashlib.sha256(material.encode()).hexdigest()))
+        return self._entries.get(self._digest(sha256_hex(material)))
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _passed(deadline: datetime | None, now: datetime) -> bool:
@@ -94,7 +90,7 @@ def _index_current(index: KnownIndex, doc: Document, backend_version: str, now: 
         for key in doc.keys:
             state: State = "valid" if key.id == doc.primary else "accepted"
             known = Known(doc.name, "fernet", key.id, state, backend_version)
-            index.add(_sha(key.material.reveal()), known, newest=True)
+            index.add(sha256_hex(key.material.reveal()), known, newest=True)
         return
     cs: CredentialSet = doc
     current: State = "expired" if _passed(cs.current.expires_at, now) else "valid"
@@ -113,7 +109,9 @@ def _index_older(index: KnownIndex, doc: Document, backend_version: str) -> None
     if isinstance(doc, FernetRing):
         for key in doc.keys:
             index.add(
-                _sha(key.material.reveal()), Known(doc.name, "fernet", key.id, "retired", backend_version), newest=False
+                sha256_hex(key.material.reveal()),
+                Known(doc.name, "fernet", key.id, "retired", backend_version),
+                newest=False,
             )
         return
     for cred in (doc.current, doc.previous):
