@@ -137,7 +137,8 @@ class BlastTracker:
             last = name in ("retire", "revoke")
             return format_ts(row.closed_at if last and row is not None and row.closed_at else step.finished_at)
 
-        store_rows = self._stores(rot, row, compromised, stores) if rot.kind == "fernet" else []
+        checkpoints = self.ledger.for_rotation(rot.id)  # read once: status and the live view call this often
+        store_rows = self._stores(rot, row, compromised, stores, checkpoints) if rot.kind == "fernet" else []
         known = [s["remaining"] for s in store_rows if s["remaining"] is not None]
         consumer_rows = self._consumers(rot, consumers)
         state = "rolled back" if rot.status == "rolled_back" else rot.status if rot.status != ACTIVE else None
@@ -157,7 +158,7 @@ class BlastTracker:
             "state": state,
             "error": rot.error,
             "opened_at": format_ts(row.opened_at if row else rot.started_at),
-            "updated_at": format_ts(max([rot.updated_at, *(c.updated_at for c in self._checkpoints(rot.id))])),
+            "updated_at": format_ts(max([rot.updated_at, *(c.updated_at for c in checkpoints)])),
             "finished_at": format_ts((row.closed_at if row else None) or rot.finished_at),
             "promoted_at": done_at("promote") or done_at("issue"),
             "retired_at": done_at("retire"),
@@ -169,16 +170,17 @@ class BlastTracker:
             "unacknowledged": [c["consumer"] for c in consumer_rows if not c["acknowledged"]],
         }
 
-    def _checkpoints(self, rotation_id: int) -> list[CheckpointRow]:
-        return self.ledger.for_rotation(rotation_id)
-
     def _stores(
-        self, rot: RotationRow, row: EmergencyRow | None, compromised: str | None, labels: Sequence[str]
+        self,
+        rot: RotationRow,
+        row: EmergencyRow | None,
+        compromised: str | None,
+        labels: Sequence[str],
+        checkpoints: Sequence[CheckpointRow],
     ) -> list[dict[str, Any]]:
         exposure = (row.exposure if row else None) or {}
         since = (row.exposure_taken_at or row.opened_at) if row else rot.started_at
         censuses = {c.store: c for c in self.ledger.latest_census(rot.secret)}
-        checkpoints = self._checkpoints(rot.id)
         quarantined: dict[str, int] = {}
         for q in self.ledger.quarantined(rot.secret):
             quarantined[q["store"]] = quarantined.get(q["store"], 0) + 1
