@@ -283,3 +283,23 @@ def test_fused_rotation_matches_fernet_for_every_length_and_key_order(keys: Ring
                 ivs.add(base64.urlsafe_b64decode(new)[9:25])
             rotated = sum(kid != "v3" for kid in signed_by)
             assert len(ivs) == rotated  # one fresh IV per re-encrypted token
+
+
+def test_tokens_fernet_reads_leniently_are_classified_as_fernet_reads_them(keys: Ring) -> None:
+    """The fast base64 path is strict; whatever it refuses is decoded again with the standard
+    library's lenient rules, as Fernet does: a token with a trailing newline, line breaks, or the
+    standard alphabet's ``+``/``/`` is re-encrypted, never quarantined, and reads back the same."""
+    base = [keys.token("v1", os.urandom(n)) for n in (40, 300, 1024)]
+    lenient = [base[0] + b"\n", b"\r\n".join(base[1][i : i + 76] for i in range(0, len(base[1]), 76))]
+    lenient.append(base[2].replace(b"-", b"+").replace(b"_", b"/"))
+    refused = [base[0].rstrip(b"="), base[1][:-3] + b"!!!"]
+    for token in lenient:
+        assert keys.fernet["v1"].decrypt(token)  # Fernet itself reads each one
+    with BatchRotator(keys.ring, 1) as rotator:
+        classified = rotator.classify_rotate([*lenient, *refused], "v3")
+    for (key_id, new), token in zip(classified[: len(lenient)], lenient, strict=True):
+        assert key_id == "v1"
+        assert new is not None
+        assert keys.fernet["v3"].decrypt(new) == keys.fernet["v1"].decrypt(token)
+        assert new == base64.urlsafe_b64encode(base64.urlsafe_b64decode(new))  # canonical form
+    assert [key_id for key_id, _ in classified[len(lenient) :]] == [KeyIdentifier(keys.ring)(t) for t in refused]
