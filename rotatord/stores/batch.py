@@ -20,8 +20,15 @@ worker processes: each token's HMAC is then checked once instead of twice and th
 is left with the I/O.  ``identify`` is not called on that path; the rotator's ring must be the
 one ``identify`` was built from (the engine builds both from the ring it read).
 
-Batches are committed strictly in read order, so a checkpoint always means "everything up to
-here was processed"; at most :data:`PIPELINE_DEPTH` + 1 batches are in memory at any time.
+With ``write_behind`` (stores whose writes wait on a server: PostgreSQL, MariaDB), step 3 runs
+on one writer thread of its own, in read order, so that the database works on one batch's
+writes while the main thread reads the next one on another connection.  SQLite works inside this
+process, and gains nothing from it (measured): it writes on the main thread.
+
+Batches are checkpointed strictly in read order, so a checkpoint always means "everything up to
+here was processed"; at most :data:`PIPELINE_DEPTH` + 1 batches are in memory at any time.  A
+stopping daemon (``progress.should_stop()``) gets no new batch read; the batches already in
+flight are finished and checkpointed, so every write that lands is counted.
 """
 
 from __future__ import annotations
@@ -234,9 +241,31 @@ def _fused(tokens: list[bytes], rotate: ClassifyRotate, primary_id: str) -> Outc
 
 
 @dataclass
-class _InFlight(Generic[H]):
-    batch: Batch[H]
-    outcome: Future[Outcome]
+class _Applied:
+    """A batch once written, for the main thread to record."""
+
+    skipped: int
+    attempted: int
+    written: int
+    quarantine: list[tuple[int, str]]
+
+
+def _apply(batch: Batch[H], outcome: Future[Outcome], write: Callable[[list[H], list[bytes]], int]) -> _Applied:
+    """Wait for a batch's re-encryption and write it (compare-and-swap)."""
+    plan, results = outcome.result()
+    if len(results) != len(plan.rotate):
+        raise ValueError("rotate returned a different number of tokens than it was given")
+    quarantine = [(index, UNSIGNED) for index in plan.unsigned]
+    handles: list[H] = []
+    news: list[bytes] = []
+    for index, new in zip(plan.rotate, results, strict=True):
+        if new is None:
+            quarantine.append((index, UNDECRYPTABLE))
+        else:
+            handles.append(batch.handles[index])
+            news.append(new)
+    written = write(handles, news) if handles else 0
+    return _Applied(plan.skipped, len(handles), written, sorted(quarantine))
 
 
 def run_reencrypt(
@@ -251,67 +280,65 @@ def run_reencrypt(
     progress: Progress,
     totals: Totals,
     pacer: Pacer | None = None,
+    write_behind: bool = False,
 ) -> ReencryptReport:
     """The loop described in the module docstring.
 
     ``write(handles, new_tokens)`` stores each new token where its handle says, only if the
     item still holds what the handle recorded, and returns how many it wrote; ``locate(handle)``
     names an item for the quarantine (never its content).  ``totals`` is updated in place.
+    ``write_behind``: write on a thread of its own (see the module docstring), for stores whose
+    writes wait on a server or a disk rather than on this process's CPU.
     """
     fused = rotate if isinstance(rotate, ClassifyRotate) else None
-    inflight: deque[_InFlight[H]] = deque()
-    with ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="rotatord-rotate") as pool:
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and len(inflight) < PIPELINE_DEPTH:
-                    batch = next(batches, None)
-                    if batch is None or (pacer and not pacer.wait(len(batch.tokens), progress.should_stop)):
-                        exhausted = True
-                        break
-                    if fused is not None:
-                        outcome = pool.submit(_fused, batch.tokens, fused, primary_id)
-                    else:
-                        outcome = pool.submit(_identify_then_rotate(batch.tokens, identify, rotate, primary_id))
-                    inflight.append(_InFlight(batch, outcome))
-                if not inflight:
+    # Each batch in flight, its re-encryption, and its write when a writer thread does it.
+    inflight: deque[tuple[Batch[H], Future[Outcome], Future[_Applied] | None]] = deque()
+    pool = ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="rotatord-rotate")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rotatord-write") if write_behind else None
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(inflight) < PIPELINE_DEPTH:
+                batch = next(batches, None)
+                if batch is None or (pacer and not pacer.wait(len(batch.tokens), progress.should_stop)):
+                    exhausted = True
                     break
-                _commit(label, inflight.popleft(), write, locate, progress, totals)
-                if progress.should_stop():
-                    break
-        finally:
-            # Batches read ahead are dropped unwritten: the checkpoint does not cover them.
-            pool.shutdown(wait=True, cancel_futures=True)
+                if fused is not None:
+                    outcome = pool.submit(_fused, batch.tokens, fused, primary_id)
+                else:
+                    outcome = pool.submit(_identify_then_rotate(batch.tokens, identify, rotate, primary_id))
+                written = writer.submit(_apply, batch, outcome, write) if writer is not None else None
+                inflight.append((batch, outcome, written))
+            if not inflight:
+                break
+            batch, outcome, written = inflight.popleft()
+            applied = written.result() if written is not None else _apply(batch, outcome, write)
+            _record(label, batch, applied, locate, progress, totals)
+            if progress.should_stop():
+                exhausted = True  # finish and checkpoint what is in flight, read nothing more
+    finally:
+        # With batches in flight only after an error: those not started are cancelled, the
+        # others finish (a write may land) but are not checkpointed.
+        if writer is not None:
+            writer.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
     return totals.report(label)
 
 
-def _commit(
+def _record(
     label: str,
-    current: _InFlight[H],
-    write: Callable[[list[H], list[bytes]], int],
+    batch: Batch[H],
+    applied: _Applied,
     locate: Callable[[H], str],
     progress: Progress,
     totals: Totals,
 ) -> None:
-    batch = current.batch
-    plan, results = current.outcome.result()
-    if len(results) != len(plan.rotate):
-        raise ValueError("rotate returned a different number of tokens than it was given")
-    quarantine = [(index, UNSIGNED) for index in plan.unsigned]
-    handles: list[H] = []
-    news: list[bytes] = []
-    for index, new in zip(plan.rotate, results, strict=True):
-        if new is None:
-            quarantine.append((index, UNDECRYPTABLE))
-        else:
-            handles.append(batch.handles[index])
-            news.append(new)
-    written = write(handles, news) if handles else 0
-    for index, reason in sorted(quarantine):
+    """The main thread's part, in read order: report the quarantine, count, checkpoint."""
+    for index, reason in applied.quarantine:
         progress.quarantine(locate(batch.handles[index]), reason)
     totals.scanned += len(batch.tokens)
-    totals.rewritten += written
-    totals.skipped += plan.skipped
-    totals.conflicts += len(handles) - written
-    totals.quarantined += len(quarantine)
+    totals.rewritten += applied.written
+    totals.skipped += applied.skipped
+    totals.conflicts += applied.attempted - applied.written
+    totals.quarantined += len(applied.quarantine)
     progress.checkpoint(encode_checkpoint(batch.cursor, totals), totals.report(label))

@@ -44,14 +44,43 @@ Handle = tuple[tuple[Any, ...], int, str | bytes]
 
 
 @dataclass(frozen=True)
+class _Reader:
+    """One page query compiled for the driver: read through the DB-API cursor, rows come back as
+    the driver's tuples, keys in the driver's own types (they go back to it unchanged, in the
+    next page's ``key > last`` and in the compare-and-swap).  SQLAlchemy's result rows cost
+    more per row than the database's work on SQLite."""
+
+    sql: str
+    positional: tuple[str, ...] | None  # parameter names in order; None: named parameters
+    fixed: dict[str, Any]  # the statement's own values (the LIMIT)
+
+    @classmethod
+    def compile(cls, statement: sa.Select[Any], dialect: sa.Dialect) -> _Reader:
+        compiled = statement.compile(dialect=dialect)
+        positional = tuple(compiled.positiontup or ()) if compiled.positional else None
+        fixed = {name: value for name, value in compiled.params.items() if not name.startswith("_k")}
+        return cls(compiled.string, positional, fixed)
+
+    def read(self, conn: sa.Connection, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
+        values = self.fixed | {f"_k{i}": v for i, v in enumerate(keys)}
+        params: Any = values if self.positional is None else tuple(values[name] for name in self.positional)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self.sql, params)
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+
+
+@dataclass(frozen=True)
 class _Shape:
     """The reflected table and the statements built from it once per check()."""
 
     table: sa.Table
     keys: tuple[sa.Column[Any], ...]
     columns: tuple[sa.Column[Any], ...]
-    first: sa.Select[Any]
-    after: sa.Select[Any]
+    first: _Reader
+    after: _Reader
     updates: tuple[CasUpdate, ...]
 
 
@@ -88,6 +117,16 @@ def _decode_key(value: Any, python_type: type | None) -> Any:
     if python_type in (Decimal, uuid.UUID):
         return python_type(text)
     return text
+
+
+def _driver_value(value: Any, column: sa.Column[Any], dialect: sa.Dialect) -> Any:
+    """A key value from a checkpoint as the driver takes it.  Checkpoints hold the driver's own
+    values (see _Reader), which pass unchanged; those written before keys were read raw hold
+    SQLAlchemy's (a ``datetime`` for a DATETIME key on SQLite), which the column type converts."""
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return value
+    processor = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return processor(value) if processor is not None else value
 
 
 def _after(keys: Sequence[sa.Column[Any]], params: Sequence[sa.BindParameter[Any]], dialect: str) -> Any:
@@ -168,10 +207,20 @@ class SqlStore(DataStore):
             yield
         except sa_exc.DBAPIError as exc:
             # The DBAPI's own message only: SQLAlchemy's adds the statement and its parameters.
-            detail = redact(str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "")[:300]
-            raise StoreError(f"{self._label}: {doing}: {type(exc.orig).__name__}: {detail}") from None
+            raise self._driver_error(doing, exc.orig) from None
         except sa_exc.SQLAlchemyError as exc:
             raise StoreError(f"{self._label}: {doing}: {type(exc).__name__}") from None
+        except Exception as exc:
+            # Pages are read through the driver's cursor (see _Reader): its errors come unwrapped.
+            dbapi = self._engine.dialect.loaded_dbapi if self._engine is not None else None
+            if dbapi is not None and isinstance(exc, dbapi.Error):
+                raise self._driver_error(doing, exc) from None
+            raise
+
+    def _driver_error(self, doing: str, exc: BaseException | None) -> StoreError:
+        text = str(exc).strip()
+        detail = redact(text.splitlines()[0] if text else "")[:300]
+        return StoreError(f"{self._label}: {doing}: {type(exc).__name__}: {detail}")
 
     def check(self) -> None:
         self._shape = None
@@ -234,7 +283,14 @@ class SqlStore(DataStore):
         params = [sa.bindparam(f"_k{i}", type_=k.type) for i, k in enumerate(keys)]
         after = first.where(_after(keys, params, dialect))
         updates = [cas_update(engine, table, keys, column) for column in columns]
-        return _Shape(table, keys, columns, first, after, tuple(updates))
+        return _Shape(
+            table,
+            keys,
+            columns,
+            _Reader.compile(first, engine.dialect),
+            _Reader.compile(after, engine.dialect),
+            tuple(updates),
+        )
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -244,12 +300,8 @@ class SqlStore(DataStore):
         engine = self._open()
         last = after
         while True:
-            if last is None:
-                statement, params = shape.first, {}
-            else:
-                statement, params = shape.after, {f"_k{i}": v for i, v in enumerate(last)}
             with self._errors("cannot read"), engine.connect() as conn:
-                rows = conn.execute(statement, params).all()
+                rows = shape.first.read(conn, ()) if last is None else shape.after.read(conn, last)
             if not rows:
                 return
             yield rows
@@ -317,7 +369,9 @@ class SqlStore(DataStore):
         if cursor is not None:
             if not isinstance(cursor, list) or len(cursor) != len(shape.keys):
                 raise StoreError(f"{self._label}: the checkpoint does not match the configured key")
-            after = tuple(_decode_key(v, _python_type(k)) for v, k in zip(cursor, shape.keys, strict=True))
+            dialect = self._open().dialect
+            decoded = (_decode_key(v, _python_type(k)) for v, k in zip(cursor, shape.keys, strict=True))
+            after = tuple(_driver_value(v, k, dialect) for v, k in zip(decoded, shape.keys, strict=True))
         return run_reencrypt(
             label=self._label,
             batches=self._batches(after),
@@ -329,6 +383,7 @@ class SqlStore(DataStore):
             progress=progress,
             totals=totals,
             pacer=self._pacer(),
+            write_behind=self._open().dialect.name != "sqlite",
         )
 
     def estimate(self) -> int | None:

@@ -10,8 +10,9 @@ changed since it was read matches nothing.  They differ only in how the rows rea
 - SQLite and MariaDB/MySQL: the driver's ``executemany``, with the statement compiled once.
 
 Both bypass SQLAlchemy's per-row parameter handling, which costs more than the UPDATE itself
-on SQLite, but apply the column types' bind processors, so a key of a type the dialect converts
-(a DATETIME on SQLite) matches exactly as it was read.
+on SQLite.  Keys are passed as the driver returned them (the store reads pages through the
+DB-API cursor), so a key of a type the dialect would convert (a DATETIME on SQLite) matches
+exactly as it was read; the ciphertext values go through their column type's bind processor.
 """
 
 from __future__ import annotations
@@ -33,13 +34,11 @@ class CasUpdate(Protocol):
         """Apply ``rows`` (each ``(*key, old, new)``); the number written."""
 
 
-def _processors(dialect: sa.Dialect, columns: Sequence[sa.Column[Any]]) -> tuple[tuple[int, Processor], ...]:
-    found = []
-    for index, column in enumerate(columns):
-        processor = column.type.dialect_impl(dialect).bind_processor(dialect)
-        if processor is not None:
-            found.append((index, processor))
-    return tuple(found)
+def _processors(dialect: sa.Dialect, column: sa.Column[Any], at: int) -> tuple[tuple[int, Processor], ...]:
+    """The bind processor of ``column`` for the old and the new value, at ``at`` and ``at + 1``
+    in the flat row ``[*key, old, new]`` (none when the column type needs none)."""
+    processor = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return () if processor is None else ((at, processor), (at + 1, processor))
 
 
 def _process(processors: tuple[tuple[int, Processor], ...], rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
@@ -93,7 +92,7 @@ def _execute_many(
         compiled.string,
         order,
         None if compiled.positional else names,
-        _processors(dialect, [*keys, column, column]),
+        _processors(dialect, column, len(keys)),
     )
 
 
@@ -128,7 +127,7 @@ def _postgres_arrays(
         f"FROM unnest({arrays}) AS v({', '.join(names)}) "
         f"WHERE {match} AND t.{quote(column.name)} = v.old"
     )
-    return _PostgresArrays(sql, names, _processors(dialect, columns))
+    return _PostgresArrays(sql, names, _processors(dialect, column, len(keys)))
 
 
 def cas_update(engine: sa.Engine, table: sa.Table, keys: Sequence[sa.Column[Any]], column: sa.Column[Any]) -> CasUpdate:
