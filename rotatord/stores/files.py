@@ -8,12 +8,27 @@ say so.  Symbolic links to files are followed (the token is rewritten where it l
 stays); links to directories are not descended into, and other non-regular files are ignored.
 
 A file may end with a newline: the token is the content without it, and the rewritten file
-keeps it.  A rewrite is atomic (a temporary file in the same directory with the original's mode
-and owner, fsync, rename, fsync of the directory) and is a compare-and-swap: just before the
-rename the file must still have the inode, size, mtime and content read at the start of the
-batch, else it counts as a conflict.  A bot writing in the microseconds between that comparison
-and the rename can still lose its write; files have no atomic compare-and-swap, and a bot that
-writes by rename (as it should) is always detected before that window.
+keeps it.  A rewrite is a temporary file in the same directory with the original's mode and owner,
+fsync'ed, then atomically exchanged with the target (Linux ``renameat2(RENAME_EXCHANGE)``), then
+an fsync of the directory.  The exchange makes it a compare-and-swap without a window: what comes
+out under the temporary name is exactly what was at the target, so it is compared, after the
+fact, with what was read at the start of the batch (inode, size, mtime and content).  If it is
+the original, it is deleted.  If not, a bot wrote it since our read: it is exchanged back, and if
+a bot wrote again meanwhile, that newer file is exchanged back in turn, until what comes out is
+the file we had put in place; the rewrite counts as a conflict and a later pass picks the file
+up.  A target deleted meanwhile stays deleted.  This holds for bots that write by rename (as
+they should) or create the file anew; a bot writing in place into a file it opened before the
+exchange can still lose that write.
+
+A ``SIGKILL`` between the exchange and the deletion of what came out leaves a ``.rotatord-*.tmp``
+file next to the target: the original (harmless, the target holds its re-encryption) or, only
+during a conflict, a bot's newer write, to be put back by hand.  Nothing recovers it
+automatically; the walk ignores these files.
+
+Where the exchange is not available (no ``renameat2`` in libc, an old kernel, a filesystem
+without ``RENAME_EXCHANGE``) the store logs one warning and falls back to comparing just before a
+plain rename: a bot writing in the microseconds between that comparison and the rename can then
+lose its write.
 
 A directory that does not exist is an error; a pattern matching no file is a valid, empty store.
 """
@@ -21,7 +36,10 @@ A directory that does not exist is an error; a pattern matching no file is a val
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fnmatch
+import logging
 import os
 import re
 import stat
@@ -42,8 +60,41 @@ __all__ = ["FilesStore", "GlobPattern"]
 #: Larger files are not tokens; they are reported as unreadable instead of being read whole.
 MAX_TOKEN_FILE = 1 << 20
 TEMP_PREFIX = ".rotatord-"
+#: Rounds of putting a bot's newer write back before giving up: the file changes too fast.
+MAX_RESTORE_ROUNDS = 100
 #: A matching file: its path relative to the directory, as segments, and its full path.
 _Found = tuple[tuple[str, ...], Path]
+
+_log = logging.getLogger(__name__)
+
+_AT_FDCWD = -100  # relative paths resolve against the working directory, as with os.replace
+_RENAME_EXCHANGE = 2
+#: What ``renameat2`` answers where exchanging is not available, as opposed to failing for one file.
+_EXCHANGE_UNAVAILABLE = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+#: ``None`` where libc has no ``renameat2`` (not Linux, glibc before 2.28): rewrites fall back.
+_renameat2 = _load_renameat2()
+
+
+def _exchange(first: Path, second: Path) -> None:
+    """Atomically swap the files the two names point to.  Both must exist (ENOENT otherwise);
+    ENOSYS or EINVAL where the system or the filesystem cannot do it."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), str(first))
+    if _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
 class GlobPattern:
@@ -114,10 +165,11 @@ class _Item:
         return self.token + self.newline
 
 
-def _read_regular(path: Path) -> tuple[bytes | None, os.stat_result]:
+def _read_regular(path: Path, *, follow: bool = True) -> tuple[bytes | None, os.stat_result]:
     """Up to ``MAX_TOKEN_FILE + 1`` bytes of ``path`` and its stat; ``None`` content if it is not
     a regular file.  O_NONBLOCK: a FIFO swapped in after the walk must not hang the daemon."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -126,6 +178,23 @@ def _read_regular(path: Path) -> tuple[bytes | None, os.stat_result]:
             return fh.read(MAX_TOKEN_FILE + 1), st
     finally:
         os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file apart from a later write to the same path (with its content)."""
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def _hold(path: Path) -> int:
+    """A descriptor on whatever ``path`` names, a link itself included.  Held open, it keeps the
+    inode number from being reused, so comparing inodes later is sound; O_PATH opens a FIFO or a
+    device without side effects."""
+    return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _same_file(first: int, second: int) -> bool:
+    a, b = os.fstat(first), os.fstat(second)
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
 
 
 def _split_newline(content: bytes) -> tuple[bytes, bytes]:
@@ -153,6 +222,9 @@ class FilesStore(DataStore):
         self._label = f"{label_prefix}:files:{settings.directory}/{settings.pattern}"
         self._clock = clock
         self._sleep = sleep
+        #: Devices whose filesystem cannot exchange names: rewrites there compare, then rename.
+        self._no_exchange: set[int] = set()
+        self._warned_no_exchange = False
 
     @property
     def label(self) -> str:
@@ -248,12 +320,14 @@ class FilesStore(DataStore):
     # -- writing ----------------------------------------------------------------------------
 
     def _replace(self, item: _Item, content: bytes) -> bool:
-        """Atomically put ``content`` in place of ``item`` if it is unchanged; False on conflict."""
+        """Put ``content`` in place of ``item`` if it is unchanged; False on conflict."""
         directory = item.target.parent
         try:
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=directory)
+            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=directory)
         except OSError as exc:
             raise StoreError(f"{self._label}: cannot write in {directory} ({exc.strerror})") from None
+        tmp = Path(name)
+        ours_at_tmp = True  # while it is, removing the temporary file on an error loses nothing
         try:
             try:
                 os.fchmod(fd, stat.S_IMODE(item.st.st_mode))
@@ -265,50 +339,116 @@ class FilesStore(DataStore):
                 raise StoreError(
                     f"{self._label}: cannot keep the owner of {item.target} (run with CAP_CHOWN or as its owner)"
                 ) from None
-            with os.fdopen(fd, "wb") as fh:
+            with os.fdopen(fd, "wb", closefd=False) as fh:
                 fh.write(content)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if item.st.st_dev not in self._no_exchange:
+                try:
+                    _exchange(tmp, item.target)
+                except FileNotFoundError:
+                    tmp.unlink(missing_ok=True)
+                    return False  # deleted meanwhile: it stays deleted
+                except OSError as exc:
+                    if exc.errno not in _EXCHANGE_UNAVAILABLE:
+                        raise
+                    self._cannot_exchange(item)
+                else:
+                    ours_at_tmp = False
+                    return self._settle(item, tmp, fd)
             if not self._unchanged(item):
-                os.unlink(tmp)
+                tmp.unlink()
                 return False
             os.replace(tmp, item.target)
             return True
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if ours_at_tmp:
+                tmp.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)  # only now: it kept our file's inode number from being reused
+
+    def _settle(self, item: _Item, tmp: Path, ours: int) -> bool:
+        """After the first exchange ``tmp`` holds what was at the target.  If that is the file read
+        at the start of the batch, delete it: done.  Else a bot wrote it since: exchange it back,
+        and again whenever what comes out is not what we had just put in place (a still newer
+        write), so the target ends holding the newest write; a conflict."""
+        held: list[int] = []
+        try:
+            came_out = _hold(tmp)
+            held.append(came_out)
+            if self._is_original(item, tmp, came_out):
+                os.unlink(tmp)
+                return True
+            placed = ours
+            for _ in range(MAX_RESTORE_ROUNDS):
+                try:
+                    _exchange(tmp, item.target)
+                except FileNotFoundError:
+                    os.unlink(tmp)  # deleted after our last exchange: the deletion is the newest word
+                    return False
+                newcomer = _hold(tmp)
+                held.append(newcomer)
+                if _same_file(newcomer, placed):
+                    os.unlink(tmp)  # nothing written since the last exchange: the target holds the newest
+                    return False
+                placed, came_out = came_out, newcomer
+            raise StoreError(
+                f"{self._label}: {item.target} is changing too fast to re-encrypt; a write newer than"
+                f" the one it holds was left in {tmp}"
+            )
+        except OSError as exc:
+            raise StoreError(
+                f"{self._label}: cannot finish rewriting {item.target} ({exc.strerror}); what came out of it"
+                f" is left in {tmp}"
+            ) from None
+        finally:
+            for fd in held:
+                os.close(fd)
+
+    @staticmethod
+    def _is_original(item: _Item, path: Path, held: int) -> bool:
+        st = os.fstat(held)
+        if not stat.S_ISREG(st.st_mode) or _identity(st) != _identity(item.st):
+            return False
+        content, read = _read_regular(path, follow=False)
+        return content == item.content and (read.st_ino, read.st_dev) == (st.st_ino, st.st_dev)
+
+    def _cannot_exchange(self, item: _Item) -> None:
+        self._no_exchange.add(item.st.st_dev)
+        if not self._warned_no_exchange:
+            self._warned_no_exchange = True
+            _log.warning(
+                "%s: files cannot be exchanged atomically in %s; rewrites there compare then rename,"
+                " leaving a small window in which a bot's write can be lost",
+                self._label,
+                item.target.parent,
+            )
 
     @staticmethod
     def _unchanged(item: _Item) -> bool:
+        """The fallback's comparison, just before a plain rename."""
         try:
             content, st = _read_regular(item.target)
         except FileNotFoundError:
             return False
-        if content is None:
-            return False
-        before = item.st
-        same = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns) == (
-            before.st_ino,
-            before.st_dev,
-            before.st_size,
-            before.st_mtime_ns,
-        )
-        return same and content == item.content
+        return content is not None and _identity(st) == _identity(item.st) and content == item.content
 
     def _write(self, items: list[_Item], news: list[bytes]) -> int:
         written = 0
         directories: set[Path] = set()
         try:
             for item, new in zip(items, news, strict=True):
-                if self._replace(item, new + item.newline):
+                replaced = self._replace(item, new + item.newline)
+                directories.add(item.target.parent)  # a conflict's exchanges touched it too
+                if replaced:
                     written += 1
-                    directories.add(item.target.parent)
         except OSError as exc:
             raise StoreError(f"{self._label}: cannot write ({exc.strerror})") from None
         finally:
             for directory in directories:
-                fsync_dir(directory)
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to make durable
+                    fsync_dir(directory)
         return written
 
     def _locate(self, item: _Item) -> str:

@@ -3,9 +3,12 @@ walk and rewrites, SQLite-only key types.  The contract suite covers behaviour s
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sqlite3
 import stat
+import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,8 +23,9 @@ from rotatord.document import FernetKey, FernetRing
 from rotatord.errors import ConfigError, StoreError
 from rotatord.interfaces import DataStore, Progress, ReencryptReport
 from rotatord.sensitive import Sensitive
+from rotatord.stores import files
 from rotatord.stores.batch import Pacer, TokenBucket, Totals, decode_checkpoint, encode_checkpoint
-from rotatord.stores.files import MAX_TOKEN_FILE, FilesStore, GlobPattern
+from rotatord.stores.files import MAX_RESTORE_ROUNDS, MAX_TOKEN_FILE, TEMP_PREFIX, FilesStore, GlobPattern
 from rotatord.stores.registry import STORES, label_prefix, open_store, store_class
 from rotatord.stores.sql import SqlStore
 
@@ -299,6 +303,268 @@ def test_files_a_replaced_file_is_a_conflict(tmp_path: Path, keys: dict[str, Fer
         report = files_store(tmp_path).reencrypt(rotate, KeyIdentifier(ring), "v2", None, Recorder())
     assert (report.rewritten, report.conflicts) == (0, 1)
     assert target.read_bytes() == bot
+
+
+# -- files: compare-and-swap by exchange ----------------------------------------------------
+# A "bot" writes for real (os.replace of another file onto the target, or a deletion) at a chosen
+# point: the store's own exchange is wrapped so the bot acts just before or just after a given call.
+
+
+def temp_files(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def bot_write(target: Path, data: bytes, mode: int = 0o600) -> int:
+    """Write ``data`` by rename, as a bot should; the new file's inode."""
+    new = target.with_name(f"bot-{os.urandom(4).hex()}")
+    new.write_bytes(data)
+    os.chmod(new, mode)
+    inode = new.stat().st_ino
+    os.replace(new, target)
+    return inode
+
+
+@pytest.fixture
+def exchanging(tmp_path: Path) -> None:
+    """Skip where this filesystem cannot exchange names: the store would use its fallback."""
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    try:
+        files._exchange(a, b)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            pytest.skip(f"no RENAME_EXCHANGE here ({exc.strerror})")
+        raise
+    assert (a.read_bytes(), b.read_bytes()) == (b"b", b"a")
+    a.unlink()
+    b.unlink()
+
+
+def around_exchange(
+    monkeypatch: pytest.MonkeyPatch,
+    before: dict[int, Any] | None = None,
+    after: dict[int, Any] | None = None,
+) -> list[int]:
+    """Wrap the real exchange: ``before[n]``/``after[n]`` run around its n-th call (from 1).
+    Returns the list of call numbers made."""
+    real = files._exchange
+    calls: list[int] = []
+
+    def exchange(first: Path, second: Path) -> None:
+        calls.append(len(calls) + 1)
+        if before and len(calls) in before:
+            before[len(calls)]()
+        real(first, second)
+        if after and len(calls) in after:
+            after[len(calls)]()
+
+    monkeypatch.setattr(files, "_exchange", exchange)
+    return calls
+
+
+def one_token_file(tmp_path: Path, keys: dict[str, Fernet], mode: int = 0o640) -> Path:
+    target = tmp_path / "one.tok"
+    target.write_bytes(keys["v1"].encrypt(b"before") + b"\n")
+    os.chmod(target, mode)
+    return target
+
+
+def reencrypt_one(tmp_path: Path, ring: FernetRing) -> ReencryptReport:
+    with rotate_with(ring) as rotate:
+        return files_store(tmp_path).reencrypt(rotate, KeyIdentifier(ring), "v2", None, Recorder())
+
+
+@pytest.mark.usefixtures("exchanging")
+def test_files_the_original_comes_out_of_the_exchange_and_is_deleted(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    calls = around_exchange(monkeypatch)
+    report = reencrypt_one(tmp_path, ring)
+    assert (report.rewritten, report.conflicts, calls) == (1, 0, [1])
+    assert keys["v2"].decrypt(target.read_bytes().rstrip(b"\n")) == b"before"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.usefixtures("exchanging")
+def test_files_a_bot_write_just_before_the_exchange_is_put_back(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    bot = keys["v1"].encrypt(b"bot") + b"\n"
+    inodes: list[int] = []
+    calls = around_exchange(monkeypatch, before={1: lambda: inodes.append(bot_write(target, bot, 0o604))})
+    report = reencrypt_one(tmp_path, ring)
+    assert (report.rewritten, report.conflicts, calls) == (0, 1, [1, 2])
+    assert target.read_bytes() == bot
+    st = target.stat()
+    assert (st.st_ino, stat.S_IMODE(st.st_mode)) == (inodes[0], 0o604)  # the bot's very file
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.usefixtures("exchanging")
+def test_files_a_bot_write_during_the_putting_back_is_the_one_kept(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    first, second = keys["v1"].encrypt(b"bot 1") + b"\n", keys["v1"].encrypt(b"bot 2") + b"\n"
+    inodes: list[int] = []
+    calls = around_exchange(
+        monkeypatch,
+        before={
+            1: lambda: inodes.append(bot_write(target, first)),
+            2: lambda: inodes.append(bot_write(target, second)),  # lands on our file, just put in place
+        },
+    )
+    report = reencrypt_one(tmp_path, ring)
+    # 1 swaps ours in (bot 1 out), 2 puts bot 1 back (bot 2 out), 3 puts bot 2 back (bot 1 out).
+    assert (report.rewritten, report.conflicts, calls) == (0, 1, [1, 2, 3])
+    assert target.read_bytes() == second
+    assert target.stat().st_ino == inodes[1]
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.usefixtures("exchanging")
+def test_files_a_bot_write_just_after_a_clean_exchange_stays(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    bot = keys["v1"].encrypt(b"bot") + b"\n"
+    calls = around_exchange(monkeypatch, after={1: lambda: bot_write(target, bot)})
+    report = reencrypt_one(tmp_path, ring)
+    assert (report.rewritten, report.conflicts, calls) == (1, 0, [1])  # ours landed first, the bot's after
+    assert target.read_bytes() == bot
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.usefixtures("exchanging")
+def test_files_a_target_deleted_before_the_exchange_stays_deleted(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    calls = around_exchange(monkeypatch, before={1: target.unlink})
+    report = reencrypt_one(tmp_path, ring)
+    assert (report.rewritten, report.conflicts, calls) == (0, 1, [1])
+    assert not target.exists()
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.usefixtures("exchanging")
+def test_files_a_target_deleted_while_putting_back_stays_deleted(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    bot = keys["v1"].encrypt(b"bot") + b"\n"
+    calls = around_exchange(monkeypatch, before={1: lambda: bot_write(target, bot), 2: target.unlink})
+    report = reencrypt_one(tmp_path, ring)
+    assert (report.rewritten, report.conflicts, calls) == (0, 1, [1, 2])
+    assert not target.exists()
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.usefixtures("exchanging")
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_files_a_non_file_swapped_in_is_put_back(
+    kind: str, tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not a token")
+
+    def swap_in() -> None:
+        target.unlink()
+        {"directory": target.mkdir, "fifo": lambda: os.mkfifo(target), "symlink": lambda: target.symlink_to(elsewhere)}[
+            kind
+        ]()
+
+    calls = around_exchange(monkeypatch, before={1: swap_in})
+    report = reencrypt_one(tmp_path, ring)
+    assert (report.rewritten, report.conflicts, calls) == (0, 1, [1, 2])
+    st = target.lstat()
+    assert {"directory": stat.S_ISDIR, "fifo": stat.S_ISFIFO, "symlink": stat.S_ISLNK}[kind](st.st_mode)
+    assert elsewhere.read_bytes() == b"not a token"
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.usefixtures("exchanging")
+def test_files_changing_too_fast_is_an_error_that_keeps_the_newest_write(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = one_token_file(tmp_path, keys)
+    written: list[bytes] = []
+
+    def write_again() -> None:
+        written.append(f"bot {len(written)}".encode())
+        bot_write(target, written[-1])
+
+    around_exchange(monkeypatch, before={n: write_again for n in range(1, MAX_RESTORE_ROUNDS + 2)})
+    with pytest.raises(StoreError, match="changing too fast") as raised:
+        reencrypt_one(tmp_path, ring)
+    assert len(written) == MAX_RESTORE_ROUNDS + 1
+    (left,) = temp_files(tmp_path)
+    assert str(target) in str(raised.value)
+    assert str(left) in str(raised.value)
+    assert left.read_bytes() == written[-1]  # the newest write is kept, the target has the one before
+    assert target.read_bytes() == written[-2]
+
+
+def test_files_without_exchange_fall_back_and_warn_once(
+    tmp_path: Path,
+    keys: dict[str, Fernet],
+    ring: FernetRing,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(files, "_renameat2", None)  # as where libc has no renameat2
+    calls = around_exchange(monkeypatch)
+    tokens = {f"{n}.tok": keys["v1"].encrypt(f"token {n}".encode()) for n in range(5)}
+    for name, token in tokens.items():
+        (tmp_path / name).write_bytes(token)
+    bot = keys["v1"].encrypt(b"bot")
+    with rotate_with(ring) as inner, caplog.at_level(logging.WARNING, logger=files.__name__):
+
+        def rotate(tokens: Any) -> list[bytes | None]:
+            bot_write(tmp_path / "0.tok", bot)  # a write well before the comparison is still caught
+            return list(inner(tokens))
+
+        report = files_store(tmp_path, batch_size=2).reencrypt(rotate, KeyIdentifier(ring), "v2", None, Recorder())
+    assert (report.rewritten, report.conflicts) == (4, 1)
+    assert calls == [1]  # tried once, then remembered for the filesystem
+    assert (tmp_path / "0.tok").read_bytes() == bot
+    for n in range(1, 5):
+        assert keys["v2"].decrypt((tmp_path / f"{n}.tok").read_bytes()) == f"token {n}".encode()
+    warnings = [r.getMessage() for r in caplog.records if r.name == files.__name__]
+    assert len(warnings) == 1
+    assert "small window" in warnings[0]
+    assert str(tmp_path) in warnings[0]
+    assert not any(token.decode() in warnings[0] for token in [*tokens.values(), bot])
+    assert not temp_files(tmp_path)
+
+
+def test_files_without_exchange_warn_once_per_store_across_filesystems(
+    tmp_path: Path,
+    keys: dict[str, Fernet],
+    ring: FernetRing,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than the test's")
+    monkeypatch.setattr(files, "_renameat2", None)
+    calls = around_exchange(monkeypatch)
+    (tmp_path / "here.tok").write_bytes(keys["v1"].encrypt(b"here"))
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        (Path(other) / "there.tok").write_bytes(keys["v1"].encrypt(b"there"))
+        (tmp_path / "there.tok").symlink_to(Path(other) / "there.tok")
+        with caplog.at_level(logging.WARNING, logger=files.__name__):
+            report = reencrypt_one(tmp_path, ring)
+        assert keys["v2"].decrypt((Path(other) / "there.tok").read_bytes()) == b"there"
+    assert report.rewritten == 2
+    assert calls == [1, 2]  # one try per filesystem
+    assert len([r for r in caplog.records if r.name == files.__name__]) == 1  # one warning per store
 
 
 # -- SQLite-only key types ------------------------------------------------------------------
