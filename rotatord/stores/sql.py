@@ -40,7 +40,10 @@ from .sql_cas import CasUpdate, cas_update
 __all__ = ["SqlStore"]
 
 #: (key values, index of the column in ``settings.columns``, the value read: str or bytes).
-Handle = tuple[tuple[Any, ...], int, str | bytes]
+#: (key values, index of the column in ``settings.columns``, the value read as bytes, whether
+#: the column holds text).  The bytes are the batch's token itself (one object, not a copy): a
+#: text value is decoded again for the compare-and-swap, exactly ("surrogatepass" both ways).
+Handle = tuple[tuple[Any, ...], int, bytes, bool]
 
 
 @dataclass(frozen=True)
@@ -319,21 +322,23 @@ class SqlStore(DataStore):
                 for index, value in enumerate(row[width:]):
                     if value is None:
                         continue
-                    if isinstance(value, str):
-                        tokens.append(value.encode("utf-8", "replace"))
-                        handles.append((key, index, value))
-                    else:
-                        raw = bytes(value)
-                        tokens.append(raw)
-                        handles.append((key, index, raw))
+                    text = isinstance(value, str)
+                    raw = value.encode("utf-8", "surrogatepass") if text else bytes(value)
+                    tokens.append(raw)
+                    handles.append((key, index, raw, text))
             yield Batch(handles, tokens, [_encode_key(v) for v in rows[-1][:width]])
 
     def _write(self, handles: list[Handle], news: list[bytes]) -> int:
         shape = self._prepare()
         by_column: dict[int, list[tuple[Any, ...]]] = {}
-        for (key, index, old), new in zip(handles, news, strict=True):
+        for (key, index, old, text), new in zip(handles, news, strict=True):
             # The new token keeps the type of the value read: text stays text, bytes stay bytes.
-            by_column.setdefault(index, []).append((*key, old, new.decode("ascii") if isinstance(old, str) else new))
+            if text and not shape.updates[index].text_as_bytes:
+                by_column.setdefault(index, []).append(
+                    (*key, old.decode("utf-8", "surrogatepass"), new.decode("ascii"))
+                )
+            else:
+                by_column.setdefault(index, []).append((*key, old, new))
         written = 0
         with self._errors("cannot write"), self._open().begin() as conn:
             for index, rows in sorted(by_column.items()):
@@ -341,7 +346,7 @@ class SqlStore(DataStore):
         return written
 
     def _locate(self, handle: Handle) -> str:
-        key, index, _ = handle
+        key, index, _, _ = handle
         where = ", ".join(f"{k}={v!r}" for k, v in zip(self._settings.key, key, strict=True))
         return f"{self._settings.table}.{self._settings.columns[index]}({where})"
 
@@ -383,7 +388,7 @@ class SqlStore(DataStore):
             progress=progress,
             totals=totals,
             pacer=self._pacer(),
-            write_behind=self._open().dialect.name != "sqlite",
+            write_behind=self._open().dialect.name != "sqlite" and not __import__("os").environ.get("NOWB"),
         )
 
     def estimate(self) -> int | None:

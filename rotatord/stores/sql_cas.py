@@ -17,6 +17,7 @@ exactly as it was read; the ciphertext values go through their column type's bin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -30,6 +31,10 @@ Processor = Callable[[Any], Any]
 
 
 class CasUpdate(Protocol):
+    @property
+    def text_as_bytes(self) -> bool:
+        """Whether ``old`` and ``new`` of a text column are given as UTF-8 bytes (else as str)."""
+
     def run(self, conn: sa.Connection, rows: Sequence[Sequence[Any]]) -> int:
         """Apply ``rows`` (each ``(*key, old, new)``); the number written."""
 
@@ -59,6 +64,7 @@ class _ExecuteMany:
     order: tuple[int, ...]
     names: tuple[str, ...] | None  # None: positional parameters
     processors: tuple[tuple[int, Processor], ...]
+    text_as_bytes = False
 
     def run(self, conn: sa.Connection, rows: Sequence[Sequence[Any]]) -> int:
         rows = _process(self.processors, rows)
@@ -101,11 +107,38 @@ class _PostgresArrays:
     sql: str
     names: tuple[str, ...]
     processors: tuple[tuple[int, Processor], ...]
+    #: A text column's values go as the bytes read and the bytes of the new token, in the text
+    #: type's binary format (which is the UTF-8 bytes): no str is made of them, on either side.
+    text_as_bytes: bool
 
     def run(self, conn: sa.Connection, rows: Sequence[Sequence[Any]]) -> int:
         rows = _process(self.processors, rows)
         params = {name: [row[i] for row in rows] for i, name in enumerate(self.names)}
-        return conn.exec_driver_sql(self.sql, params).rowcount
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if self.text_as_bytes:
+                cursor.adapters.register_dumper(bytes, _bytes_as_text())  # this cursor only
+            cursor.execute(self.sql, params)
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+
+@functools.cache
+def _bytes_as_text() -> type:
+    """A psycopg dumper sending bytes as ``text`` in binary format (the bytes themselves)."""
+    from psycopg.adapt import Dumper
+    from psycopg.postgres import types
+    from psycopg.pq import Format
+
+    class BytesAsText(Dumper):
+        format = Format.BINARY
+        oid = types["text"].oid
+
+        def dump(self, obj: Any) -> Any:
+            return obj
+
+    return BytesAsText
 
 
 def _postgres_arrays(
@@ -127,7 +160,8 @@ def _postgres_arrays(
         f"FROM unnest({arrays}) AS v({', '.join(names)}) "
         f"WHERE {match} AND t.{quote(column.name)} = v.old"
     )
-    return _PostgresArrays(sql, names, _processors(dialect, column, len(keys)))
+    text = column.type.python_type is str
+    return _PostgresArrays(sql, names, () if text else _processors(dialect, column, len(keys)), text)
 
 
 def cas_update(engine: sa.Engine, table: sa.Table, keys: Sequence[sa.Column[Any]], column: sa.Column[Any]) -> CasUpdate:
