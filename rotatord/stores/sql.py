@@ -39,10 +39,10 @@ from .sql_cas import CasUpdate, cas_update
 
 __all__ = ["SqlStore"]
 
-#: (key values, index of the column in ``settings.columns``, the value read: str or bytes).
 #: (key values, index of the column in ``settings.columns``, the value read as bytes, whether
 #: the column holds text).  The bytes are the batch's token itself (one object, not a copy): a
-#: text value is decoded again for the compare-and-swap, exactly ("surrogatepass" both ways).
+#: text value is decoded again for the compare-and-swap where the driver wants a str, exactly
+#: ("surrogatepass" both ways), or sent as those bytes (PostgreSQL, see sql_cas).
 Handle = tuple[tuple[Any, ...], int, bytes, bool]
 
 
