@@ -262,6 +262,7 @@ class RedisStore(DataStore):
             progress=progress,
             totals=totals,
             pacer=self._pacer(),
+            write_behind=True,
         )
 
     def close(self) -> None:
