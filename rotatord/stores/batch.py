@@ -20,8 +20,8 @@ worker processes: each token's HMAC is then checked once instead of twice and th
 is left with the I/O.  ``identify`` is not called on that path; the rotator's ring must be the
 one ``identify`` was built from (the engine builds both from the ring it read).
 
-With ``write_behind`` (stores whose writes wait on a server: PostgreSQL, MariaDB, Redis), step 3 runs
-on one writer thread of its own, in read order, so that the database works on one batch's
+With ``write_behind`` (stores whose writes wait on a server: PostgreSQL, MariaDB, Redis), step
+3 runs on one writer thread of its own, in read order, so that the database works on one batch's
 writes while the main thread reads the next one on another connection.  SQLite works inside this
 process, and gains nothing from it (measured): it writes on the main thread.
 

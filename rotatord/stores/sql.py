@@ -388,7 +388,7 @@ class SqlStore(DataStore):
             progress=progress,
             totals=totals,
             pacer=self._pacer(),
-            write_behind=self._open().dialect.name != "sqlite" and not __import__("os").environ.get("NOWB"),
+            write_behind=self._open().dialect.name != "sqlite",
         )
 
     def estimate(self) -> int | None:
