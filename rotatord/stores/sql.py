@@ -59,7 +59,7 @@ class _Reader:
 
     @classmethod
     def compile(cls, statement: sa.Select[Any], dialect: sa.Dialect) -> _Reader:
-        compiled = statement.compile(dialect=dialect)
+        compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
         positional = tuple(compiled.positiontup or ()) if compiled.positional else None
         fixed = {name: value for name, value in compiled.params.items() if not name.startswith("_k")}
         return cls(compiled.string, positional, fixed)

@@ -601,3 +601,33 @@ def test_sql_keys_of_other_types_resume_exactly(tmp_path: Path, keys: dict[str, 
     conn.close()
     assert [keys["v2"].decrypt(b.encode()) for b in bodies] == [b"%d" % i for i in range(9)]
     assert SqlStore("t", settings).estimate() == 9
+
+
+def test_sql_a_checkpoint_holding_sqlalchemy_values_resumes_exactly(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing
+) -> None:
+    """Checkpoints written before pages were read through the driver's cursor hold a DATETIME
+    key as SQLAlchemy returned it (``{"iso": ...}``, a datetime); resuming converts it to the
+    stored text, so exactly the rows after it are processed."""
+    db = tmp_path / "bots.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE m (at DATETIME NOT NULL PRIMARY KEY, body TEXT)")
+    stamps = [T0.replace(tzinfo=None) + timedelta(minutes=i) for i in range(6)]
+    conn.executemany(
+        "INSERT INTO m VALUES (?, ?)",
+        [(at.strftime("%Y-%m-%d %H:%M:%S.%f"), keys["v1"].encrypt(b"%d" % i).decode()) for i, at in enumerate(stamps)],
+    )
+    conn.commit()
+    conn.close()
+    url = tmp_path / "url"
+    url.write_text(f"sqlite:///{db}")
+    url.chmod(0o600)
+    settings = SqlStoreSettings(kind="sql", url_file=url, table="m", key=("at",), columns=("body",), batch_size=2)
+    legacy = encode_checkpoint([{"iso": stamps[2].isoformat()}], Totals(scanned=3, rewritten=3))
+    with rotate_with(ring) as rotate:
+        report = SqlStore("t", settings).reencrypt(rotate, KeyIdentifier(ring), "v2", legacy, Recorder())
+    assert (report.scanned, report.rewritten) == (6, 6)  # 3 before the checkpoint, 3 after it
+    conn = sqlite3.connect(db)
+    bodies = [r[0].encode() for r in conn.execute("SELECT body FROM m ORDER BY at")]
+    conn.close()
+    assert [KeyIdentifier(ring)(b) for b in bodies] == ["v1"] * 3 + ["v2"] * 3
