@@ -74,51 +74,42 @@ _MIN_TOKEN = _HEADER + _BLOCK + _MAC
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
-def _xor16(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(_BLOCK, "big")
-
-
 class _Key:
-    """One key of the ring with its cipher state built once: a keyed HMAC to copy, and AES
-    contexts that live as long as the process.
+    """One key of the ring with its cipher state built once: a keyed HMAC to copy, and two AES-CBC
+    contexts (one decrypting, one encrypting) that live as long as the process.
 
     Creating a ``Cipher`` context costs more than AES-CBC over a 1 KiB token, and Fernet makes
-    one per call.  CBC needs no fresh context per message, only the right chaining value before
-    the first block, which these methods supply:
+    one per call.  A running CBC context needs no reset between messages, because CBC chains on
+    the previous *ciphertext* block, and both methods hand it that block themselves:
 
-    * decryption: a running CBC decryptor returns ``D(C1) xor <previous input block>`` for the
-      first block and exact plaintext for every later one (each chains on a block of the same
-      input).  The first block is taken from a stateless ECB decryptor instead, ``D(C1) xor IV``,
-      so nothing depends on what the context processed before.
-    * encryption: a running CBC encryptor computes ``E(P1 xor prev)`` where ``prev`` is the last
-      ciphertext block it produced; feeding ``P1 xor IV xor prev`` yields ``E(P1 xor IV)``,
-      exactly the first block of a fresh CBC encryption under ``IV``.  Every token is then
-      checked by decrypting that first block again (one block of AES): a chaining mistake could
-      otherwise produce a token whose HMAC verifies and whose first block is garbage.
+    * decryption feeds ``IV | C1 ... Cn`` (the token holds them contiguously): the output block
+      for IV depends on whatever came before and is dropped; every later block is
+      ``D(Ci) xor C(i-1)`` with ``C0 = IV``, which is exactly the plaintext.
+    * encryption feeds ``R | P1 ... Pn`` with ``R`` a fresh random block: the first output block,
+      ``E(R xor <previous block>)``, is uniformly random whatever came before and becomes the
+      token's IV; the next ones are ``E(Pi xor C(i-1))`` with ``C0 = IV``, exactly a CBC
+      encryption under that IV.  Encrypting a random nonce under the same key to make the IV is
+      one of the two methods NIST SP 800-38A (appendix C) gives for CBC IVs.
     """
 
-    __slots__ = ("_cbc_dec", "_cbc_enc", "_ecb_dec", "_prev", "mac")
+    __slots__ = ("_cbc_dec", "_cbc_enc", "mac")
 
     def __init__(self, raw: bytes) -> None:
         aes = algorithms.AES(raw[16:])
         self.mac = hmac.new(raw[:16], digestmod=hashlib.sha256)
         self._cbc_dec = Cipher(aes, modes.CBC(bytes(_BLOCK))).decryptor()
-        self._ecb_dec = Cipher(aes, modes.ECB()).decryptor()  # noqa: S305 - one block, see the docstring
         self._cbc_enc = Cipher(aes, modes.CBC(bytes(_BLOCK))).encryptor()
-        self._prev = bytes(_BLOCK)
 
-    def decrypt(self, iv: bytes, ciphertext: memoryview) -> bytes:
-        """AES-CBC decryption of ``ciphertext`` (whole blocks) under ``iv``, padding kept."""
-        rest = self._cbc_dec.update(ciphertext)[_BLOCK:]
-        return _xor16(self._ecb_dec.update(ciphertext[:_BLOCK]), iv) + rest
+    def decrypt(self, iv_and_ciphertext: memoryview) -> bytes:
+        """AES-CBC decryption of the blocks after the IV (whole blocks), padding kept."""
+        return self._cbc_dec.update(iv_and_ciphertext)[_BLOCK:]
 
-    def encrypt(self, iv: bytes, padded: bytes) -> bytes:
-        """AES-CBC encryption of ``padded`` (whole blocks) under ``iv``."""
-        first = padded[:_BLOCK]
-        out = self._cbc_enc.update(_xor16(_xor16(first, iv), self._prev) + padded[_BLOCK:])
-        self._prev = out[-_BLOCK:]
-        if _xor16(self._ecb_dec.update(out[:_BLOCK]), iv) != first:
-            raise RuntimeError("AES-CBC chaining check failed")  # pragma: no cover - a bug, never data
+    def encrypt(self, nonce: bytes, padded: bytes) -> bytes:
+        """``IV | ciphertext``: AES-CBC encryption of ``padded`` (whole blocks) under a random IV
+        derived from the random block ``nonce`` (see the class docstring)."""
+        out = self._cbc_enc.update(nonce + padded)
+        if len(out) != _BLOCK + len(padded):  # pragma: no cover - whole blocks in, whole blocks out
+            raise RuntimeError("AES-CBC returned a partial block")
         return out
 
 
@@ -148,15 +139,15 @@ class _Classifier:
         """Per token the index of its signing key (-1: none) and its re-encryption (see Classified)."""
         indexes: list[int] = []
         results: list[bytes | None] = []
-        # One getrandom call for the batch's IVs instead of one per token (the same CSPRNG).
-        ivs = memoryview(os.urandom(_BLOCK * len(tokens)))
+        # One getrandom call for the batch's IV nonces instead of one per token (the same CSPRNG).
+        nonces = memoryview(os.urandom(_BLOCK * len(tokens)))
         for at, token in enumerate(tokens):
-            index, new = self._one(token, ivs[at * _BLOCK : (at + 1) * _BLOCK])
+            index, new = self._one(token, nonces[at * _BLOCK : (at + 1) * _BLOCK])
             indexes.append(index)
             results.append(new)
         return indexes, results
 
-    def _one(self, token: bytes, iv: memoryview) -> tuple[int, bytes | None]:
+    def _one(self, token: bytes, nonce: memoryview) -> tuple[int, bytes | None]:
         data = _decode(token)
         if data is None:
             return -1, None
@@ -178,19 +169,19 @@ class _Classifier:
                 order.insert(0, order.pop(position))
             if index == self._primary_index:
                 return index, None
-            padded = key.decrypt(data[9:_HEADER], signed[_HEADER:])
+            padded = key.decrypt(signed[9:])
             # PKCS7, checked only after the HMAC verified (so no padding oracle), as Fernet does.
+            # The same padded plaintext is encrypted again: its padding is the same.
             pad = padded[-1]
             if not 1 <= pad <= _BLOCK or padded[-pad:] != bytes((pad,)) * pad:
                 return index, None
-            return index, self._encrypt(data[1:9], padded[:-pad], bytes(iv))
+            return index, self._encrypt(data[1:9], padded, bytes(nonce))
         return -1, None
 
-    def _encrypt(self, timestamp: bytes, plaintext: bytes, iv: bytes) -> bytes:
-        """A Fernet token of ``plaintext`` under the primary, with the given timestamp bytes and
-        a fresh random ``iv``."""
-        pad = _BLOCK - len(plaintext) % _BLOCK
-        body = b"\x80" + timestamp + iv + self._primary.encrypt(iv, plaintext + bytes((pad,)) * pad)
+    def _encrypt(self, timestamp: bytes, padded: bytes, nonce: bytes) -> bytes:
+        """A Fernet token of the padded plaintext under the primary, with the given timestamp
+        bytes; ``nonce`` is a fresh random block (the IV derives from it, see :class:`_Key`)."""
+        body = b"\x80" + timestamp + self._primary.encrypt(nonce, padded)
         mac = self._primary.mac.copy()
         mac.update(body)
         return pybase64.urlsafe_b64encode(body + mac.digest())
