@@ -39,11 +39,11 @@ from .sql_cas import CasUpdate, cas_update
 
 __all__ = ["SqlStore"]
 
-#: (key values, index of the column in ``settings.columns``, the value read as bytes, whether
-#: the column holds text).  The bytes are the batch's token itself (one object, not a copy): a
-#: text value is decoded again for the compare-and-swap where the driver wants a str, exactly
-#: ("surrogatepass" both ways), or sent as those bytes (PostgreSQL, see sql_cas).
-Handle = tuple[tuple[Any, ...], int, bytes, bool]
+#: (key values, index of the column in ``settings.columns``, the value read).  The value is the
+#: str the driver returned for a text column, unless the column's compare-and-swap takes text as
+#: bytes (PostgreSQL, see sql_cas): then, as for a binary column, it is the batch's token itself
+#: (one object shared with the batch, not a copy).
+Handle = tuple[tuple[Any, ...], int, str | bytes]
 
 
 @dataclass(frozen=True)
@@ -314,6 +314,7 @@ class SqlStore(DataStore):
 
     def _batches(self, after: Sequence[Any] | None) -> Iterator[Batch[Handle]]:
         width = len(self._settings.key)
+        as_bytes = [update.text_as_bytes for update in self._prepare().updates]
         for rows in self._rows(after):
             handles: list[Handle] = []
             tokens: list[bytes] = []
@@ -322,23 +323,21 @@ class SqlStore(DataStore):
                 for index, value in enumerate(row[width:]):
                     if value is None:
                         continue
-                    text = isinstance(value, str)
-                    raw = value.encode("utf-8", "surrogatepass") if text else bytes(value)
+                    if isinstance(value, str):
+                        raw = value.encode("utf-8", "surrogatepass")
+                        handles.append((key, index, raw if as_bytes[index] else value))
+                    else:
+                        raw = bytes(value)
+                        handles.append((key, index, raw))
                     tokens.append(raw)
-                    handles.append((key, index, raw, text))
             yield Batch(handles, tokens, [_encode_key(v) for v in rows[-1][:width]])
 
     def _write(self, handles: list[Handle], news: list[bytes]) -> int:
         shape = self._prepare()
         by_column: dict[int, list[tuple[Any, ...]]] = {}
-        for (key, index, old, text), new in zip(handles, news, strict=True):
+        for (key, index, old), new in zip(handles, news, strict=True):
             # The new token keeps the type of the value read: text stays text, bytes stay bytes.
-            if text and not shape.updates[index].text_as_bytes:
-                by_column.setdefault(index, []).append(
-                    (*key, old.decode("utf-8", "surrogatepass"), new.decode("ascii"))
-                )
-            else:
-                by_column.setdefault(index, []).append((*key, old, new))
+            by_column.setdefault(index, []).append((*key, old, new.decode("ascii") if isinstance(old, str) else new))
         written = 0
         with self._errors("cannot write"), self._open().begin() as conn:
             for index, rows in sorted(by_column.items()):
@@ -346,7 +345,7 @@ class SqlStore(DataStore):
         return written
 
     def _locate(self, handle: Handle) -> str:
-        key, index, _, _ = handle
+        key, index, _ = handle
         where = ", ".join(f"{k}={v!r}" for k, v in zip(self._settings.key, key, strict=True))
         return f"{self._settings.table}.{self._settings.columns[index]}({where})"
 
