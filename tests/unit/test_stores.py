@@ -603,6 +603,44 @@ def test_sql_keys_of_other_types_resume_exactly(tmp_path: Path, keys: dict[str, 
     assert SqlStore("t", settings).estimate() == 9
 
 
+def test_sql_sqlite_wal_is_checkpointed_by_the_store_and_stays_small(
+    tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing
+) -> None:
+    """The store's connections leave checkpoints to its own thread (``wal_autocheckpoint=0``):
+    after a run every WAL frame is back in the database, and the WAL never held much more than
+    two batches although ten times that was rewritten.  The bot's connection keeps its setting."""
+    db = tmp_path / "bots.db"
+    bot = sqlite3.connect(db)
+    bot.execute("PRAGMA journal_mode=WAL")
+    bot.execute("CREATE TABLE m (id INTEGER PRIMARY KEY, body TEXT)")
+    body = keys["v1"].encrypt(os.urandom(1024)).decode()
+    bot.executemany("INSERT INTO m VALUES (?, ?)", [(i, body) for i in range(2000)])
+    bot.commit()
+    bot.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    url = tmp_path / "url"
+    url.write_text(f"sqlite:///{db}")
+    url.chmod(0o600)
+    settings = SqlStoreSettings(kind="sql", url_file=url, table="m", key=("id",), columns=("body",), batch_size=100)
+    store = SqlStore("t", settings)
+    sizes: list[int] = []
+
+    class Watching(Recorder):
+        def checkpoint(self, checkpoint: str, totals: ReencryptReport) -> None:
+            super().checkpoint(checkpoint, totals)
+            sizes.append(os.path.getsize(f"{db}-wal"))
+
+    with rotate_with(ring) as rotate:
+        report = store.reencrypt(rotate, KeyIdentifier(ring), "v2", None, Watching())
+    assert report.rewritten == 2000
+    batch_bytes = 100 * 1600  # a batch's rows, with room for page overhead
+    assert 0 < max(sizes) < 4 * batch_bytes  # 2000 rows rewritten: about 20 batches' worth
+    _, frames, backfilled = sqlite3.connect(db).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames == backfilled  # nothing left in the WAL only
+    assert bot.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # the bot's own setting
+    store.close()
+    bot.close()
+
+
 def test_sql_a_checkpoint_holding_sqlalchemy_values_resumes_exactly(
     tmp_path: Path, keys: dict[str, Fernet], ring: FernetRing
 ) -> None:
