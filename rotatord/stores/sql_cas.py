@@ -4,9 +4,10 @@ Every strategy runs ``UPDATE t SET col = :new WHERE key = :key AND col = :old`` 
 a batch, inside the caller's transaction, and returns how many rows it changed; a cell a bot
 changed since it was read matches nothing.  They differ only in how the rows reach the server:
 
-- PostgreSQL: one statement per batch, the rows as three arrays (``UPDATE ... FROM unnest(...)``)
-  in psycopg's binary format.  One parse, one plan, one round trip; psycopg's text format for
-  arrays of long strings is slow, hence binary.
+- PostgreSQL: one statement per :data:`ROWS_PER_STATEMENT` rows, the rows as arrays
+  (``UPDATE ... FROM unnest(...)``) in psycopg's binary format, text sent as its UTF-8 bytes.
+  Few parses, few round trips; psycopg's text format for arrays of long strings is slow, hence
+  binary.
 - SQLite and MariaDB/MySQL: the driver's ``executemany``, with the statement compiled once.
 
 Both bypass SQLAlchemy's per-row parameter handling, which costs more than the UPDATE itself
@@ -28,6 +29,10 @@ import sqlalchemy as sa
 __all__ = ["CasUpdate", "cas_update"]
 
 Processor = Callable[[Any], Any]
+
+#: Rows per PostgreSQL UPDATE: libpq keeps a connection's output buffer at the size of its
+#: largest message, so one statement per 1000-row batch left ≈ 4 MB behind per connection.
+ROWS_PER_STATEMENT = 250
 
 
 class CasUpdate(Protocol):
@@ -113,13 +118,16 @@ class _PostgresArrays:
 
     def run(self, conn: sa.Connection, rows: Sequence[Sequence[Any]]) -> int:
         rows = _process(self.processors, rows)
-        params = {name: [row[i] for row in rows] for i, name in enumerate(self.names)}
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        written = 0
         try:
             if self.text_as_bytes:
                 cursor.adapters.register_dumper(bytes, _bytes_as_text())  # this cursor only
-            cursor.execute(self.sql, params)
-            return int(cursor.rowcount)
+            for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                part = rows[start : start + ROWS_PER_STATEMENT]
+                cursor.execute(self.sql, {name: [row[i] for row in part] for i, name in enumerate(self.names)})
+                written += int(cursor.rowcount)
+            return written
         finally:
             cursor.close()
 
