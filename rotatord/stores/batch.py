@@ -24,8 +24,9 @@ With ``write_behind`` (stores whose writes wait on a server: PostgreSQL, MariaDB
 3 runs on :data:`WRITERS` writer threads, each batch on one of them with its own connection, so
 that the database works on the writes of the batches in flight while the main thread reads the
 next one.  Writes may then finish out of order; they are still recorded (checkpointed) in read
-order, and a batch written past the last checkpoint is found under the primary on resume.  SQLite works inside this
-process, and gains nothing from it (measured): it writes on the main thread.
+order, and a batch written past the last checkpoint is found under the primary on resume.
+SQLite works inside this process and gains nothing from it (measured): it writes on the main
+thread.
 
 Batches are checkpointed strictly in read order, so a checkpoint always means "everything up to
 here was processed"; at most :data:`PIPELINE_DEPTH` + 1 batches are in memory at any time.  A
@@ -293,8 +294,8 @@ def run_reencrypt(
     ``write(handles, new_tokens)`` stores each new token where its handle says, only if the
     item still holds what the handle recorded, and returns how many it wrote; ``locate(handle)``
     names an item for the quarantine (never its content).  ``totals`` is updated in place.
-    ``write_behind``: write on a thread of its own (see the module docstring), for stores whose
-    writes wait on a server or a disk rather than on this process's CPU.
+    ``write_behind``: write on :data:`WRITERS` threads of their own (see the module docstring),
+    for stores whose writes wait on a server rather than on this process's CPU.
     """
     fused = rotate if isinstance(rotate, ClassifyRotate) else None
     # Each batch in flight, its re-encryption, and its write when a writer thread does it.
