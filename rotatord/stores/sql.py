@@ -8,8 +8,9 @@ compare-and-swap, ``UPDATE t SET col = :new WHERE key = :key AND col = :old``
 meanwhile matches nothing and is counted as a conflict, never overwritten.
 
 Pages are read through the DB-API cursor (:class:`_Reader`).  PostgreSQL and MariaDB write
-behind, on a thread of their own (see :mod:`rotatord.stores.batch`); on SQLite, which works
-inside this process, the WAL checkpoints move to a thread instead (:class:`_WalCheckpointer`).
+behind, on writer threads with connections of their own (see :mod:`rotatord.stores.batch`); on
+SQLite, which works inside this process, the WAL checkpoints move to a thread instead
+(:class:`_WalCheckpointer`).
 
 The URL holds a password, so it is read by reference when the store is first used and never
 appears in a message: errors name the store's label, and driver messages pass through
