@@ -116,8 +116,11 @@ class _WalCheckpointer:
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def close(self) -> None:
+        """Wait for the last checkpoint (its error, if any, is dropped: callers that care
+        :meth:`wait` first), then stop the thread and close the connection.  Reusable: the next
+        :meth:`start` begins again."""
         with contextlib.suppress(Exception):
-            self.wait()  # its error was raised to the write that waited, or does not matter now
+            self.wait()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -462,12 +465,14 @@ class SqlStore(DataStore):
             )
         except BaseException:
             if self._wal is not None:
-                with contextlib.suppress(Exception):
-                    self._wal.wait()  # the step's own error is the one to report
+                self._wal.close()  # its own error, if any, matters less than the step's
             raise
         if self._wal is not None:
-            with self._errors("cannot checkpoint the WAL"):
-                self._wal.wait()
+            try:
+                with self._errors("cannot checkpoint the WAL"):
+                    self._wal.wait()
+            finally:
+                self._wal.close()  # no thread or connection left idle between passes
         return report
 
     def estimate(self) -> int | None:

@@ -636,6 +636,7 @@ def test_sql_sqlite_wal_is_checkpointed_by_the_store_and_stays_small(
     assert 0 < max(sizes) < 4 * batch_bytes  # 2000 rows rewritten: about 20 batches' worth
     _, frames, backfilled = sqlite3.connect(db).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert frames == backfilled  # nothing left in the WAL only
+    assert not [t for t in threading.enumerate() if t.name.startswith("rotatord-wal-checkpoint")]  # none idle
     assert bot.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # the bot's own setting
     store.close()
     bot.close()
