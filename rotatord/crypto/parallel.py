@@ -140,14 +140,14 @@ class _Classifier:
         indexes: list[int] = []
         results: list[bytes | None] = []
         # One getrandom call for the batch's IV nonces instead of one per token (the same CSPRNG).
-        nonces = memoryview(os.urandom(_BLOCK * len(tokens)))
+        nonces = os.urandom(_BLOCK * len(tokens))
         for at, token in enumerate(tokens):
             index, new = self._one(token, nonces[at * _BLOCK : (at + 1) * _BLOCK])
             indexes.append(index)
             results.append(new)
         return indexes, results
 
-    def _one(self, token: bytes, nonce: memoryview) -> tuple[int, bytes | None]:
+    def _one(self, token: bytes, nonce: bytes) -> tuple[int, bytes | None]:
         data = _decode(token)
         if data is None:
             return -1, None
@@ -175,7 +175,7 @@ class _Classifier:
             pad = padded[-1]
             if not 1 <= pad <= _BLOCK or padded[-pad:] != bytes((pad,)) * pad:
                 return index, None
-            return index, self._encrypt(data[1:9], padded, bytes(nonce))
+            return index, self._encrypt(data[1:9], padded, nonce)
         return -1, None
 
     def _encrypt(self, timestamp: bytes, padded: bytes, nonce: bytes) -> bytes:

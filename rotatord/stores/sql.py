@@ -184,10 +184,12 @@ def _decode_key(value: Any, python_type: type | None) -> Any:
     return text
 
 
-def _driver_value(value: Any, column: sa.Column[Any], dialect: sa.Dialect) -> Any:
-    """A key value from a checkpoint as the driver takes it.  Checkpoints hold the driver's own
-    values (see _Reader), which pass unchanged; those written before keys were read raw hold
-    SQLAlchemy's (a ``datetime`` for a DATETIME key on SQLite), which the column type converts."""
+def _checkpoint_key(encoded: Any, column: sa.Column[Any], dialect: sa.Dialect) -> Any:
+    """A key value from a checkpoint (:func:`_encode_key`) as the driver takes it.  Checkpoints
+    hold the driver's own values (see _Reader), which pass unchanged; those written before keys
+    were read raw hold SQLAlchemy's (a ``datetime`` for a DATETIME key on SQLite), which the
+    column type converts."""
+    value = _decode_key(encoded, _python_type(column))
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return value
     processor = column.type.dialect_impl(dialect).bind_processor(dialect)
@@ -442,13 +444,12 @@ class SqlStore(DataStore):
     ) -> ReencryptReport:
         cursor, totals = decode_checkpoint(self._label, checkpoint)
         shape = self._prepare()
+        dialect = self._open().dialect
         after = None
         if cursor is not None:
             if not isinstance(cursor, list) or len(cursor) != len(shape.keys):
                 raise StoreError(f"{self._label}: the checkpoint does not match the configured key")
-            dialect = self._open().dialect
-            decoded = (_decode_key(v, _python_type(k)) for v, k in zip(cursor, shape.keys, strict=True))
-            after = tuple(_driver_value(v, k, dialect) for v, k in zip(decoded, shape.keys, strict=True))
+            after = tuple(_checkpoint_key(v, k, dialect) for v, k in zip(cursor, shape.keys, strict=True))
         try:
             report = run_reencrypt(
                 label=self._label,
@@ -461,7 +462,7 @@ class SqlStore(DataStore):
                 progress=progress,
                 totals=totals,
                 pacer=self._pacer(),
-                write_behind=self._open().dialect.name != "sqlite",
+                write_behind=dialect.name != "sqlite",
             )
         except BaseException:
             if self._wal is not None:
