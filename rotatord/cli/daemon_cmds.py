@@ -12,6 +12,9 @@ __all__ = ["check_config", "init", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..daemon.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread starts (see rotatord.daemon.memory)
     path, settings = load_checked(args)
     from ..daemon.service import Daemon
     from ..logs import setup_logging

@@ -19,7 +19,7 @@ from rotatord.crypto.parallel import BatchRotator
 from rotatord.document import FernetRing
 from rotatord.errors import StoreError
 from rotatord.interfaces import RotateBatch
-from rotatord.stores.batch import PIPELINE_DEPTH
+from rotatord.stores.batch import WRITE_BEHIND_DEPTH
 from rotatord.stores.sql import SqlStore
 from tests.contract.store_conftest import *  # noqa: F403 - the fixtures
 from tests.contract.store_conftest import (
@@ -237,12 +237,12 @@ def test_a_writer_thread_loses_no_update(harness: Harness, keys: Keys, ring: Fer
 def test_resume_from_a_checkpoint_processes_each_item_once(
     harness: Harness, keys: Keys, ring: FernetRing, rotate_batch: RotateBatch
 ) -> None:
-    count = 53  # several batches more than a stop can finish (PIPELINE_DEPTH in flight)
+    count = 53  # several batches more than a stop can finish (at most WRITE_BEHIND_DEPTH in flight)
     fill(harness, keys.old, range(count))
     stopping = Recorder(stop_after=1)
     first = harness.make(batch_size=10).reencrypt(rotate_batch, KeyIdentifier(ring), "v2", None, stopping)
     # A stop reads no more batches and finishes, then checkpoints, those already in flight.
-    assert 1 <= len(stopping.checkpoints) <= 1 + PIPELINE_DEPTH
+    assert 1 <= len(stopping.checkpoints) <= 1 + WRITE_BEHIND_DEPTH
     assert 0 < first.rewritten < count
     under_new = [i for i in range(count) if decrypts_with(keys.new, harness.get(i)) is not None]
     assert len(under_new) == first.rewritten  # every item written is counted in the last checkpoint
