@@ -304,7 +304,9 @@ TARGETS = {"sqlite": sqlite_target, "postgresql": postgres_target, "files": file
 # -- main -------------------------------------------------------------------------------------
 
 
-def measure(target: Target, keys: list[bytes], tokens: dict[int, list[bytes]], processes: int) -> dict[str, Any]:
+def measure(
+    target: Target, keys: list[bytes], tokens: dict[int, list[bytes]], processes: int, *, settle: bool = True
+) -> dict[str, Any]:
     """One round per key step, each from a settled store; the limit is taken right before and
     after each store run."""
     runs = []
@@ -312,8 +314,9 @@ def measure(target: Target, keys: list[bytes], tokens: dict[int, list[bytes]], p
         old, new = keys[step], keys[step + 1]
         sample = tokens[step]
         limit_total = min(200_000, max(40_000, target.rows // 5))
-        target.settle()
-        os.sync()  # the previous round's (or the fill's) dirty pages are written back now, untimed
+        if settle:
+            target.settle()
+            os.sync()  # the previous round's (or the fill's) dirty pages are written back now, untimed
         before = crypto_limit(old, new, sample, processes, limit_total)
         result = run_child(target.settings, old, new, processes)
         after = crypto_limit(old, new, sample, processes, limit_total)
@@ -351,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis-rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument(
+        "--no-settle", action="store_true", help="run the rounds back to back, without settling the store first"
+    )
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
@@ -374,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for store, rows in plan:
             print(f"{store}: filling {rows} rows ...", flush=True)
             with TARGETS[store](work, tokens[0], rows) as target:
-                summary.append(measure(target, keys, tokens, args.processes))
+                summary.append(measure(target, keys, tokens, args.processes, settle=not args.no_settle))
     print()
     print("| store | rows | rows/s (median) | crypto limit/s | ratio (median) | best | peak RSS | workers |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
