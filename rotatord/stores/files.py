@@ -23,7 +23,9 @@ exchange can still lose that write.
 A ``SIGKILL`` between the exchange and the deletion of what came out leaves a ``.rotatord-*.tmp``
 file next to the target: the original (harmless, the target holds its re-encryption) or, only
 during a conflict, a bot's newer write, to be put back by hand.  Nothing recovers it
-automatically; the walk ignores these files.
+automatically (which target it belonged to, and whether the bot wrote again since, cannot be
+known for sure afterwards); the walk skips these files, and a pass that meets one older than
+:data:`LEFTOVER_AGE` logs a warning naming it.
 
 Where the exchange is not available (no ``renameat2`` in libc, an old kernel, a filesystem
 without ``RENAME_EXCHANGE``) the store logs one warning and falls back to comparing just before a
@@ -62,6 +64,11 @@ MAX_TOKEN_FILE = 1 << 20
 TEMP_PREFIX = ".rotatord-"
 #: Rounds of putting a bot's newer write back before giving up: the file changes too fast.
 MAX_RESTORE_ROUNDS = 100
+#: Seconds since a temporary file got its name (ctime) after which it is a leftover: a rewrite
+#: in progress holds one for milliseconds.
+LEFTOVER_AGE = 60.0
+#: Leftovers named in the warning (the count covers all of them).
+LEFTOVERS_NAMED = 3
 #: A matching file: its path relative to the directory, as segments, and its full path.
 _Found = tuple[tuple[str, ...], Path]
 
@@ -225,6 +232,8 @@ class FilesStore(DataStore):
         #: Devices whose filesystem cannot exchange names: rewrites there compare, then rename.
         self._no_exchange: set[int] = set()
         self._warned_no_exchange = False
+        #: Leftover temporary files met by the last walk (see LEFTOVER_AGE).
+        self._leftovers: list[str] = []
 
     @property
     def label(self) -> str:
@@ -252,6 +261,7 @@ class FilesStore(DataStore):
     def _walk(self, after: tuple[str, ...] | None) -> Iterator[_Found]:
         """Matching regular files (or links to them) in sorted order, strictly after ``after``."""
         glob = self._glob()
+        self._leftovers = []
 
         def visit(directory: Path, prefix: tuple[str, ...], states: frozenset[int]) -> Iterator[_Found]:
             try:
@@ -263,6 +273,7 @@ class FilesStore(DataStore):
                 raise StoreError(f"{self._label}: cannot list {directory} ({exc.strerror})") from None
             for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX):
+                    self._note_leftover(entry)
                     continue
                 relative = (*prefix, entry.name)
                 resuming_inside = after is not None and relative == after[: len(relative)] and relative != after
@@ -283,6 +294,30 @@ class FilesStore(DataStore):
         if not self._root.is_dir():
             raise StoreError(f"{self._label}: directory {self._root} does not exist")
         yield from visit(self._root, (), glob.start)
+
+    def _note_leftover(self, entry: os.DirEntry[str]) -> None:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            return  # gone: it was a rewrite in progress
+        if stat.S_ISREG(st.st_mode) and time.time() - st.st_ctime > LEFTOVER_AGE:
+            self._leftovers.append(entry.path)
+
+    def _warn_leftovers(self) -> None:
+        if not self._leftovers:
+            return
+        named = ", ".join(self._leftovers[:LEFTOVERS_NAMED])
+        more = len(self._leftovers) - LEFTOVERS_NAMED
+        _log.warning(
+            "%s: %d temporary file(s) left by an interrupted rewrite (rotatord killed mid-rewrite, or a "
+            "file changing too fast to put back): %s%s. Each holds what came out of a file next to it: "
+            "usually that file's previous content (delete it), but possibly a bot's newer write that "
+            "was being put back: compare, and move it back over its file if so",
+            self._label,
+            len(self._leftovers),
+            named,
+            f" and {more} more" if more > 0 else "",
+        )
 
     def _read(self, relative: tuple[str, ...], path: Path) -> _Item | None:
         try:
@@ -477,7 +512,7 @@ class FilesStore(DataStore):
             raise StoreError(f"{self._label}: the checkpoint is not one this store wrote")
         self.check()
         after = tuple(cursor.split("/")) if cursor else None
-        return run_reencrypt(
+        report = run_reencrypt(
             label=self._label,
             batches=self._batches(after),
             write=self._write,
@@ -489,3 +524,5 @@ class FilesStore(DataStore):
             totals=totals,
             pacer=self._pacer(),
         )
+        self._warn_leftovers()
+        return report

@@ -567,6 +567,48 @@ def test_files_without_exchange_warn_once_per_store_across_filesystems(
     assert len([r for r in caplog.records if r.name == files.__name__]) == 1  # one warning per store
 
 
+def test_files_a_pass_names_leftover_temporary_files(
+    tmp_path: Path,
+    keys: dict[str, Fernet],
+    ring: FernetRing,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "a.tok").write_bytes(keys["v1"].encrypt(b"a"))
+    (tmp_path / "sub").mkdir()
+    stranded = keys["v2"].encrypt(b"a bot's write that was being put back")
+    leftovers = [tmp_path / ".rotatord-x1.tmp", tmp_path / "sub" / ".rotatord-x2.tmp"]
+    for path in leftovers:
+        path.write_bytes(stranded)
+    with caplog.at_level(logging.WARNING, logger=files.__name__):
+        reencrypt_one(tmp_path, ring)
+    assert not [r for r in caplog.records if r.name == files.__name__]  # just written: in progress
+    monkeypatch.setattr(files, "LEFTOVER_AGE", 0.0)
+    (tmp_path / "b.tok").write_bytes(keys["v1"].encrypt(b"b"))
+    with caplog.at_level(logging.WARNING, logger=files.__name__):
+        report = reencrypt_one(tmp_path, ring)
+    assert report.scanned == 2  # the leftovers are not items
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == files.__name__]
+    assert "2 temporary file(s)" in warning
+    assert all(str(path) in warning for path in leftovers)
+    assert stranded.decode() not in warning
+    assert all(path.read_bytes() == stranded for path in leftovers)  # left for the operator, untouched
+
+
+def test_files_the_leftover_warning_names_a_few_and_counts_all(
+    tmp_path: Path, ring: FernetRing, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(files, "LEFTOVER_AGE", 0.0)
+    for n in range(5):
+        (tmp_path / f".rotatord-{n}.tmp").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger=files.__name__):
+        reencrypt_one(tmp_path, ring)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == files.__name__]
+    assert "5 temporary file(s)" in warning
+    assert "and 2 more" in warning
+    assert sum(f".rotatord-{n}.tmp" in warning for n in range(5)) == files.LEFTOVERS_NAMED
+
+
 # -- SQLite-only key types ------------------------------------------------------------------
 
 
