@@ -28,7 +28,7 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
     """Keep the process at ``arenas`` malloc arenas; True if glibc took the setting.
 
     Takes effect for arenas not created yet: call it before starting threads."""
-    if os.environ.get("MALLOC_ARENA_MAX") or os.environ.get("GLIBC_TUNABLES", "").find("arena_max") >= 0:
+    if os.environ.get("MALLOC_ARENA_MAX") or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False  # the operator's own setting stands
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -510,6 +510,11 @@ def test_files_changing_too_fast_is_an_error_that_keeps_the_newest_write(
     assert target.read_bytes() == written[-2]
 
 
+def files_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the files store logged."""
+    return [r.getMessage() for r in caplog.records if r.name == files.__name__]
+
+
 def test_files_without_exchange_fall_back_and_warn_once(
     tmp_path: Path,
     keys: dict[str, Fernet],
@@ -535,7 +540,7 @@ def test_files_without_exchange_fall_back_and_warn_once(
     assert (tmp_path / "0.tok").read_bytes() == bot
     for n in range(1, 5):
         assert keys["v2"].decrypt((tmp_path / f"{n}.tok").read_bytes()) == f"token {n}".encode()
-    warnings = [r.getMessage() for r in caplog.records if r.name == files.__name__]
+    warnings = files_messages(caplog)
     assert len(warnings) == 1
     assert "small window" in warnings[0]
     assert str(tmp_path) in warnings[0]
@@ -564,7 +569,7 @@ def test_files_without_exchange_warn_once_per_store_across_filesystems(
         assert keys["v2"].decrypt((Path(other) / "there.tok").read_bytes()) == b"there"
     assert report.rewritten == 2
     assert calls == [1, 2]  # one try per filesystem
-    assert len([r for r in caplog.records if r.name == files.__name__]) == 1  # one warning per store
+    assert len(files_messages(caplog)) == 1  # one warning per store
 
 
 def test_files_a_pass_names_leftover_temporary_files(
@@ -582,13 +587,13 @@ def test_files_a_pass_names_leftover_temporary_files(
         path.write_bytes(stranded)
     with caplog.at_level(logging.WARNING, logger=files.__name__):
         reencrypt_one(tmp_path, ring)
-    assert not [r for r in caplog.records if r.name == files.__name__]  # just written: in progress
+    assert not files_messages(caplog)  # just written: in progress
     monkeypatch.setattr(files, "LEFTOVER_AGE", 0.0)
     (tmp_path / "b.tok").write_bytes(keys["v1"].encrypt(b"b"))
     with caplog.at_level(logging.WARNING, logger=files.__name__):
         report = reencrypt_one(tmp_path, ring)
     assert report.scanned == 2  # the leftovers are not items
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == files.__name__]
+    (warning,) = files_messages(caplog)
     assert "2 temporary file(s)" in warning
     assert all(str(path) in warning for path in leftovers)
     assert stranded.decode() not in warning
@@ -603,7 +608,7 @@ def test_files_the_leftover_warning_names_a_few_and_counts_all(
         (tmp_path / f".rotatord-{n}.tmp").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger=files.__name__):
         reencrypt_one(tmp_path, ring)
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == files.__name__]
+    (warning,) = files_messages(caplog)
     assert "5 temporary file(s)" in warning
     assert "and 2 more" in warning
     assert sum(f".rotatord-{n}.tmp" in warning for n in range(5)) == files.LEFTOVERS_NAMED
