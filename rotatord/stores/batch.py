@@ -58,8 +58,8 @@ __all__ = [
     "TokenBucket",
     "Totals",
     "count_census",
-    "depth",
     "decode_checkpoint",
+    "depth",
     "encode_checkpoint",
     "run_reencrypt",
 ]

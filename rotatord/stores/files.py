@@ -232,8 +232,9 @@ class FilesStore(DataStore):
         #: Devices whose filesystem cannot exchange names: rewrites there compare, then rename.
         self._no_exchange: set[int] = set()
         self._warned_no_exchange = False
-        #: Leftover temporary files met by the last walk (see LEFTOVER_AGE).
-        self._leftovers: list[str] = []
+        #: Leftover temporary files met by the last walk (see LEFTOVER_AGE): how many, the first few.
+        self._leftovers = 0
+        self._leftovers_named: list[str] = []
 
     @property
     def label(self) -> str:
@@ -261,7 +262,7 @@ class FilesStore(DataStore):
     def _walk(self, after: tuple[str, ...] | None) -> Iterator[_Found]:
         """Matching regular files (or links to them) in sorted order, strictly after ``after``."""
         glob = self._glob()
-        self._leftovers = []
+        self._leftovers, self._leftovers_named = 0, []
 
         def visit(directory: Path, prefix: tuple[str, ...], states: frozenset[int]) -> Iterator[_Found]:
             try:
@@ -301,20 +302,22 @@ class FilesStore(DataStore):
         except OSError:
             return  # gone: it was a rewrite in progress
         if stat.S_ISREG(st.st_mode) and time.time() - st.st_ctime > LEFTOVER_AGE:
-            self._leftovers.append(entry.path)
+            self._leftovers += 1
+            if len(self._leftovers_named) < LEFTOVERS_NAMED:
+                self._leftovers_named.append(entry.path)
 
     def _warn_leftovers(self) -> None:
         if not self._leftovers:
             return
-        named = ", ".join(self._leftovers[:LEFTOVERS_NAMED])
-        more = len(self._leftovers) - LEFTOVERS_NAMED
+        named = ", ".join(self._leftovers_named)
+        more = self._leftovers - len(self._leftovers_named)
         _log.warning(
             "%s: %d temporary file(s) left by an interrupted rewrite (rotatord killed mid-rewrite, or a "
             "file changing too fast to put back): %s%s. Each holds what came out of a file next to it: "
             "usually that file's previous content (delete it), but possibly a bot's newer write that "
             "was being put back: compare, and move it back over its file if so",
             self._label,
-            len(self._leftovers),
+            self._leftovers,
             named,
             f" and {more} more" if more > 0 else "",
         )
