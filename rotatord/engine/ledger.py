@@ -12,7 +12,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Column, Integer, String, Table, Text, UniqueConstraint, delete, insert, select, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from ..interfaces import Census, Progress, ReencryptReport
@@ -141,22 +154,43 @@ class StoreLedger:
     def quarantine(
         self, secret: str, rotation_id: int | None, store: str, locator: str, reason: str, now: datetime
     ) -> bool:
-        """Record an unreadable item once; True if it is new."""
+        """Record an unreadable item; True if it is new.  An item recorded before keeps its first
+        ``found_at`` and takes the rotation that found it again (see :meth:`forget_quarantined`)."""
+        locator, reason = locator[:500], reason[:200]
+        item = (quarantine.c.secret == secret, quarantine.c.store == store, quarantine.c.locator == locator)
         try:
             with self.journal.transaction() as conn:
+                if conn.execute(
+                    update(quarantine).where(*item).values(rotation_id=rotation_id, reason=reason)
+                ).rowcount:
+                    return False
                 conn.execute(
                     insert(quarantine).values(
                         secret=secret,
                         rotation_id=rotation_id,
                         store=store,
-                        locator=locator[:500],
-                        reason=reason[:200],
+                        locator=locator,
+                        reason=reason,
                         found_at=now,
                     )
                 )
         except IntegrityError:
-            return False
+            return False  # recorded meanwhile
         return True
+
+    def forget_quarantined(self, secret: str, store: str, rotation_id: int) -> int:
+        """After a complete pass over ``store`` in rotation ``rotation_id``: forget the items it did
+        not find unreadable (a bot rewrote them since, or they are gone); how many."""
+        with self.journal.transaction() as conn:
+            return int(
+                conn.execute(
+                    delete(quarantine).where(
+                        quarantine.c.secret == secret,
+                        quarantine.c.store == store,
+                        or_(quarantine.c.rotation_id.is_(None), quarantine.c.rotation_id != rotation_id),
+                    )
+                ).rowcount
+            )
 
     def quarantined(self, secret: str) -> list[dict[str, Any]]:
         with self.journal.transaction() as conn:

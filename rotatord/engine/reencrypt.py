@@ -168,11 +168,15 @@ class Reencryptor:
         report = store.reencrypt(rotate, identify, primary, saved.checkpoint if saved else None, progress)
         if self.should_stop():
             raise StepInterrupted(f"{store.label}: stopped by shutdown; resumes from its checkpoint")
+        # The pass read every item (resumed or not, within this rotation): what it did not find
+        # unreadable is readable now or gone.  Before "done", so a crash in between repeats this.
+        forgotten = self.ledger.forget_quarantined(secret, store.label, rotation_id)
         self.ledger.save(rotation_id, step, store.label, None, report, done=True, estimate=estimate, now=self.clock())
         log.info(
             "store pass done",
             extra={"secret": secret, "store": store.label, "step": step, "rewritten": report.rewritten,
-                   "skipped": report.skipped, "conflicts": report.conflicts, "quarantined": report.quarantined},
+                   "skipped": report.skipped, "conflicts": report.conflicts, "quarantined": report.quarantined,
+                   "no_longer_quarantined": forgotten},
         )  # fmt: skip
         return report
 

@@ -55,3 +55,47 @@ def test_retire_is_refused_while_data_still_needs_the_old_key(make_harness: Harn
         assert all(only_v2.decrypt(bodies[i].encode()) == b"row %d" % i for i in range(50) if i != 7)
     finally:
         runtime.close()
+
+
+def test_quarantine_keeps_only_what_the_last_complete_pass_found_unreadable(
+    make_harness: HarnessFactory, tmp_path: Path
+) -> None:
+    db = tmp_path / "bot.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
+    url = tmp_path / "bot-db.url"
+    url.write_text(f"sqlite:///{db}")
+    url.chmod(0o600)
+    store = SqlStoreSettings(kind="sql", url_file=url, table="msgs", key=("id",), columns=("body",))
+    h = make_harness(fernet_secret(stores=(store,)), consumers=())
+    runtime = h.build()
+    engine = runtime.engine
+    quarantined = "SELECT locator, rotation_id, found_at FROM quarantine ORDER BY locator"
+    try:
+        engine.tick(FERNET, T0)  # v1 created
+        v1 = multifernet(h.ring())
+        with sqlite3.connect(db) as conn:
+            rows = [(i, v1.encrypt(b"row %d" % i).decode()) for i in range(10)]
+            conn.executemany("INSERT INTO msgs VALUES (?, ?)", [*rows, (10, "corrupt"), (11, "also corrupt")])
+        t1 = T0 + EVERY
+        engine.tick(FERNET, t1)  # stage v2
+        engine.tick(FERNET, t1 + PROPAGATION)  # promote, re-encrypt: 10 and 11 quarantined
+        first = h.sql(quarantined)
+        assert [locator for locator, _, _ in first] == ["msgs.body(id=10)", "msgs.body(id=11)"]
+        first_rotation = first[0][1]
+        engine.tick(FERNET, t1 + PROPAGATION + GRACE + SECOND)  # v1 retired: the census is clean
+        # A bot rewrites one of them with a token of the current ring, and deletes another row.
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE msgs SET body = ? WHERE id = 11", (multifernet(h.ring()).encrypt(b"fixed").decode(),))
+            conn.execute("DELETE FROM msgs WHERE id = 3")
+        t2 = t1 + EVERY
+        engine.tick(FERNET, t2)  # stage v3
+        engine.tick(FERNET, t2 + PROPAGATION)  # promote, re-encrypt: a complete pass in the new rotation
+        (still,) = h.sql(quarantined)
+        assert still[0] == "msgs.body(id=10)"  # still unreadable: kept, first found in the first rotation
+        assert still[1] != first_rotation and still[2] == first[0][2]
+        with sqlite3.connect(db) as conn:
+            fixed = dict(conn.execute("SELECT id, body FROM msgs"))[11]
+        assert multifernet(h.ring()).decrypt(fixed.encode()) == b"fixed"  # and re-encrypted, not quarantined
+    finally:
+        runtime.close()
