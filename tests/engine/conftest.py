@@ -24,6 +24,7 @@ from rotatord.config.model import (
     FileBackendSettings,
     SecretSettings,
     Settings,
+    SqlStoreSettings,
 )
 from rotatord.daemon.runtime import Runtime, build_runtime
 from rotatord.document import CredentialSet, Document, FernetRing
@@ -39,6 +40,18 @@ SECOND = timedelta(seconds=1)
 FERNET = "bot-db"
 TOKEN = "bot-api"
 CONSUMER = "bot"
+
+
+def bot_db_store(tmp_path: Path) -> tuple[Path, SqlStoreSettings]:
+    """An empty SQLite table ``msgs (id, body)`` under ``tmp_path``, and a store on its body column
+    (the URL by reference, in a 0600 file)."""
+    db = tmp_path / "bot.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
+    url = tmp_path / "bot-db.url"
+    url.write_text(f"sqlite:///{db}")
+    url.chmod(0o600)
+    return db, SqlStoreSettings(kind="sql", url_file=url, table="msgs", key=("id",), columns=("body",))
 
 
 def fernet_secret(**overrides: Any) -> SecretSettings:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from rotatord.config.model import SqlStoreSettings
 from rotatord.crypto.keyring import multifernet
 from rotatord.engine.priority import PriorityGate
 from rotatord.engine.report import secret_status
@@ -26,6 +25,7 @@ from tests.engine.conftest import (
     TOKEN,
     Harness,
     HarnessFactory,
+    bot_db_store,
     fernet_secret,
     materials,
 )
@@ -34,23 +34,13 @@ from tests.helpers import assert_no_material, unwritable
 ROWS = 30
 
 
-def _store(tmp_path: Path) -> tuple[Path, SqlStoreSettings]:
-    db = tmp_path / "bot.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
-    url = tmp_path / "bot-db.url"
-    url.write_text(f"sqlite:///{db}")
-    url.chmod(0o600)
-    return db, SqlStoreSettings(kind="sql", url_file=url, table="msgs", key=("id",), columns=("body",))
-
-
 def _blast_records(h: Harness) -> list[dict[str, object]]:
     lines = (h.settings.daemon.state_dir / "audit.log").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["event"] == "emergency.blast_radius"]
 
 
 def test_emergency_report_counts_exposure_and_ends_clean(make_harness: HarnessFactory, tmp_path: Path) -> None:
-    db, store = _store(tmp_path)
+    db, store = bot_db_store(tmp_path)
     h = make_harness(fernet_secret(stores=(store,)))
     rt = h.build()
     rt.engine.tick(FERNET, T0)  # v1 created
@@ -112,7 +102,7 @@ def test_emergency_token_report_says_when_the_old_token_was_revoked(harness: Har
 def test_emergency_declared_after_the_promotion_counts_the_stale_writes(
     make_harness: HarnessFactory, tmp_path: Path
 ) -> None:
-    db, store = _store(tmp_path)
+    db, store = bot_db_store(tmp_path)
     h = make_harness(fernet_secret(stores=(store,), consumers=()), consumers=())
     rt = h.build()
     rt.engine.tick(FERNET, T0)
@@ -209,7 +199,7 @@ def test_priority_gate_lets_a_stopping_daemon_go() -> None:
 
 def test_routine_reencryption_pauses_while_an_emergency_runs(make_harness: HarnessFactory, tmp_path: Path) -> None:
     """A real pass of another secret waits at its checkpoint while the gate is held, then finishes."""
-    db, store = _store(tmp_path)
+    db, store = bot_db_store(tmp_path)
     h = make_harness(fernet_secret(stores=(store,)), consumers=())
     gate = PriorityGate(poll=0.01)
     rt = h.build()
@@ -238,7 +228,7 @@ def test_routine_reencryption_pauses_while_an_emergency_runs(make_harness: Harne
 def test_rollback_of_an_emergency_that_cannot_finish_closes_its_report(
     make_harness: HarnessFactory, tmp_path: Path
 ) -> None:
-    db, store = _store(tmp_path)
+    db, store = bot_db_store(tmp_path)
     h = make_harness(fernet_secret(stores=(store,), consumers=()), consumers=())
     rt = h.build()
     rt.engine.tick(FERNET, T0)

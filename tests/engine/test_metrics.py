@@ -19,7 +19,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
-from rotatord.config.model import SqlStoreSettings
 from rotatord.crypto.keyring import multifernet
 from rotatord.daemon.endpoint import HttpEndpoint
 from rotatord.daemon.http import HttpServer
@@ -36,6 +35,7 @@ from tests.engine.conftest import (
     TOKEN,
     Harness,
     HarnessFactory,
+    bot_db_store,
     fernet_secret,
     materials,
     token_secret,
@@ -164,13 +164,7 @@ def test_failed_steps_and_backend_errors_are_counted(
 
 
 def test_reencryption_census_and_quarantine(make_harness: HarnessFactory, tmp_path: Path) -> None:
-    db = tmp_path / "bot.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
-    url = tmp_path / "bot-db.url"
-    url.write_text(f"sqlite:///{db}")
-    url.chmod(0o600)
-    store = SqlStoreSettings(kind="sql", url_file=url, table="msgs", key=("id",), columns=("body",))
+    db, store = bot_db_store(tmp_path)
     h = make_harness(fernet_secret(stores=(store,)), consumers=())
     runtime = h.build()
     clock = FixedClock(T0)

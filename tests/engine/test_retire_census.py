@@ -7,20 +7,23 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from rotatord.config.model import SqlStoreSettings
 from rotatord.crypto.keyring import multifernet
-from tests.engine.conftest import EVERY, FERNET, GRACE, PROPAGATION, SECOND, T0, HarnessFactory, fernet_secret
+from tests.engine.conftest import (
+    EVERY,
+    FERNET,
+    GRACE,
+    PROPAGATION,
+    SECOND,
+    T0,
+    HarnessFactory,
+    bot_db_store,
+    fernet_secret,
+)
 from tests.helpers import unwritable
 
 
 def test_retire_is_refused_while_data_still_needs_the_old_key(make_harness: HarnessFactory, tmp_path: Path) -> None:
-    db = tmp_path / "bot.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
-    url = tmp_path / "bot-db.url"
-    url.write_text(f"sqlite:///{db}")
-    url.chmod(0o600)
-    store = SqlStoreSettings(kind="sql", url_file=url, table="msgs", key=("id",), columns=("body",))
+    db, store = bot_db_store(tmp_path)
     h = make_harness(fernet_secret(stores=(store,)), consumers=())
     runtime = h.build()
     engine = runtime.engine
@@ -60,13 +63,7 @@ def test_retire_is_refused_while_data_still_needs_the_old_key(make_harness: Harn
 def test_quarantine_keeps_only_what_the_last_complete_pass_found_unreadable(
     make_harness: HarnessFactory, tmp_path: Path
 ) -> None:
-    db = tmp_path / "bot.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE msgs (id INTEGER PRIMARY KEY, body TEXT)")
-    url = tmp_path / "bot-db.url"
-    url.write_text(f"sqlite:///{db}")
-    url.chmod(0o600)
-    store = SqlStoreSettings(kind="sql", url_file=url, table="msgs", key=("id",), columns=("body",))
+    db, store = bot_db_store(tmp_path)
     h = make_harness(fernet_secret(stores=(store,)), consumers=())
     runtime = h.build()
     engine = runtime.engine
